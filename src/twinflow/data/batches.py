@@ -1,0 +1,104 @@
+"""A deterministic, resumable order of mini-batch indices.
+
+Epoch ``e`` visits the items in the order of
+``torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + e))`` and is cut into
+consecutive batches of ``batch_size`` indices; the incomplete tail (``num_items % batch_size``
+items) is dropped and the next epoch starts. Because each epoch's permutation depends only on
+``seed`` and the epoch number, the pair ``(epoch, position)`` is the whole state: saving it with
+:meth:`ShuffledBatches.state_dict` and restoring it with :meth:`ShuffledBatches.load_state_dict`
+continues the sequence exactly where it left off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Integral
+
+import torch
+from torch import Tensor
+
+
+class ShuffledBatches:
+    """Endless, seeded, resumable stream of index batches over ``range(num_items)``.
+
+    Args:
+        num_items: number of items to draw from (indices ``0..num_items-1``).
+        batch_size: indices per batch; must not exceed ``num_items``.
+        seed: base seed; epoch ``e`` is shuffled with seed ``seed + e``.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
+        if not _is_int(num_items) or num_items < 1:
+            raise ValueError(f"ShuffledBatches num_items must be a positive int, got {num_items!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"ShuffledBatches batch_size must be a positive int, got {batch_size!r}")
+        if batch_size > num_items:
+            raise ValueError(
+                f"ShuffledBatches batch_size {batch_size} is larger than num_items {num_items}; "
+                f"not even one full batch fits in an epoch"
+            )
+        if not _is_int(seed):
+            raise ValueError(f"ShuffledBatches seed must be an int, got {seed!r}")
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self._epoch = 0
+        self._position = 0
+        self._permutation: Tensor | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch is read from, unless the current one has no full batch left."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """How many indices of the current epoch's permutation have been handed out."""
+        return self._position
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Number of full batches in one epoch, ``num_items // batch_size``."""
+        return self.num_items // self.batch_size
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The item order of ``epoch``: ``torch.randperm(num_items)`` seeded with ``seed + epoch``."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_items, generator=generator)
+
+    def next_indices(self) -> Tensor:
+        """Return the next ``batch_size`` indices (int64, shape ``(batch_size,)``), advancing the state."""
+        if self._position + self.batch_size > self.num_items:
+            self._epoch += 1
+            self._position = 0
+            self._permutation = None
+        if self._permutation is None:
+            self._permutation = self.permutation(self._epoch)
+        start = self._position
+        self._position += self.batch_size
+        return self._permutation[start : self._position].clone()
+
+    def state_dict(self) -> dict[str, int]:
+        """The resumable state: ``{"epoch": int, "position": int}``."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
+        for key in ("epoch", "position"):
+            if key not in state:
+                raise ValueError(f"ShuffledBatches state is missing key {key!r}; got keys {sorted(state)}")
+        epoch, position = state["epoch"], state["position"]
+        if not _is_int(epoch) or epoch < 0:
+            raise ValueError(f"ShuffledBatches state 'epoch' must be a non-negative int, got {epoch!r}")
+        if not _is_int(position) or not 0 <= position <= self.num_items:
+            raise ValueError(
+                f"ShuffledBatches state 'position' must be an int in [0, {self.num_items}], got {position!r}"
+            )
+        self._epoch = int(epoch)
+        self._position = int(position)
+        self._permutation = None
+
+
+def _is_int(value: object) -> bool:
+    """True for integers (Python or numpy) but not bools."""
+    return isinstance(value, Integral) and not isinstance(value, bool)

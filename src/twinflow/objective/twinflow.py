@@ -1,0 +1,153 @@
+"""The TwinFlow objective: ``L = L_base + L_adv + L_rectify`` (spec section 2).
+
+One callable for every preset (``twinflow``, ``rcgm``, ``flow_matching``) and every backbone
+that follows the contract ``model(x_t, t, r, cond)``. Network calls per step (2.6): one
+forward with gradient on the whole batch; every other call runs under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from twinflow.objective.conditions import Condition, batch_size, select
+from twinflow.objective.config import ObjectiveConfig
+from twinflow.objective.losses import per_sample_loss, squared_error, time_weight
+from twinflow.objective.partition import BatchPlan, plan_batch
+from twinflow.objective.targets import (
+    Network,
+    guidance_enhanced_velocity,
+    one_step_samples,
+    rcgm_target,
+    velocity_difference,
+)
+from twinflow.path import LinearPath, Path
+from twinflow.randomness import randn_like
+
+
+@dataclass
+class ObjectiveResult:
+    """What one objective evaluation produced. Only ``loss`` carries gradient."""
+
+    loss: Tensor  # the total to backpropagate
+    base: Tensor  # L_base: weighted RCGM loss on the real slices
+    adversarial: Tensor  # L_adv: flow matching on the fake flow at negative time
+    rectify: Tensor  # L_rectify before its coefficient k
+    network_calls: int  # forward passes (a batched call counts once), the gradient one included
+    plan: BatchPlan
+
+    def terms(self) -> dict[str, float]:
+        """Named scalars for logging."""
+        return {
+            "loss": float(self.loss.detach()),
+            "loss_base": float(self.base),
+            "loss_adversarial": float(self.adversarial),
+            "loss_rectify": float(self.rectify),
+        }
+
+
+class TwinFlowObjective:
+    """``objective(model, data, cond, null_cond, teacher=..., generator=...) -> ObjectiveResult``.
+
+    ``teacher`` defaults to the model itself (EMA decay 0). ``null_cond`` holds the "empty"
+    conditions (null label, empty prompt) that the guidance-enhanced target needs.
+    """
+
+    def __init__(self, config: ObjectiveConfig, path: Path | None = None):
+        self.config = config
+        self.path = path if path is not None else LinearPath()
+
+    def __call__(
+        self,
+        model: Network,
+        data: Tensor,
+        cond: Condition = None,
+        null_cond: Condition = None,
+        *,
+        teacher: Network | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveResult:
+        config, path = self.config, self.path
+        teacher = model if teacher is None else teacher
+        count = data.shape[0]
+        for name, condition in (("cond", cond), ("null_cond", null_cond)):
+            size = batch_size(condition)
+            if size is not None and size != count:
+                raise ValueError(f"{name} has batch size {size}, data has {count} (shape {tuple(data.shape)})")
+        if config.guidance_ratio > 0 and null_cond is None:
+            raise ValueError("the guidance-enhanced target (objective.guidance_ratio > 0) needs null_cond")
+
+        plan = plan_batch(count, config, generator)
+        time = plan.time.to(data)
+        target_time = plan.target_time.to(data)
+        real, fake = plan.real, plan.slice("fake")
+        noise = randn_like(data, generator)
+        calls = 0
+
+        # Data: real images, or in image-free mode the model's own one-step samples; the fake
+        # slice always gets the model's one-step samples from fresh noise (spec 2.4).
+        data = data.clone()
+        with torch.no_grad():
+            replaced = slice(0, count) if config.image_free else fake
+            if replaced.stop > replaced.start:
+                fresh_noise = randn_like(data[replaced], generator)
+                data[replaced] = one_step_samples(model, path, fresh_noise, select(cond, replaced))
+                calls += 1
+
+        x_t = path.interpolate(data, noise, time)
+        velocity = path.velocity(data, noise, time)
+
+        # Guidance-enhanced target (spec 2.2) on the real slices only.
+        real_velocity, guidance_calls = guidance_enhanced_velocity(
+            teacher, x_t[real], time[real], velocity[real], select(cond, real), select(null_cond, real),
+            config.guidance_ratio, config.guidance_time_range,
+        )
+        calls += guidance_calls
+
+        # The one forward pass with gradient.
+        prediction = model(x_t, time, target_time, cond)
+        calls += 1
+
+        # L_base: RCGM target with the teacher, weighted by the jump length (2.3, 2.7).
+        target, teacher_calls = rcgm_target(
+            teacher, path, x_t[real], time[real], target_time[real], real_velocity, prediction[real],
+            select(cond, real), config.estimate_order, config.small_step, config.residual_clamp,
+        )
+        calls += teacher_calls
+        base_per_sample = per_sample_loss(prediction[real], target, config.loss, config.barron_constant)
+        if config.time_weighting:
+            base_per_sample = base_per_sample * time_weight(time[real], target_time[real])
+
+        # L_adv: plain flow matching towards z - x_fake at negative time (2.4).
+        adversarial_per_sample = per_sample_loss(
+            prediction[fake], velocity[fake], config.loss, config.barron_constant
+        )
+
+        # L_rectify: push the one-step output along -Delta_v (2.5).
+        rectify = data.new_zeros(())
+        one_step = plan.slice("one_step")
+        if config.rectify_coefficient > 0 and one_step.stop > one_step.start:
+            one_step_prediction = prediction[one_step]
+            samples = path.recover(x_t[one_step], one_step_prediction.detach(), time[one_step]).data
+            delta, rectify_calls = velocity_difference(
+                model, path, samples, select(cond, one_step), generator, config.residual_clamp
+            )
+            calls += rectify_calls
+            rectify = squared_error(one_step_prediction, (one_step_prediction - delta).detach()).mean()
+
+        total = (base_per_sample.sum() + adversarial_per_sample.sum()) / count
+        total = total + config.rectify_coefficient * rectify
+        return ObjectiveResult(
+            loss=total,
+            base=_mean_or_zero(base_per_sample),
+            adversarial=_mean_or_zero(adversarial_per_sample),
+            rectify=rectify.detach(),
+            network_calls=calls,
+            plan=plan,
+        )
+
+
+def _mean_or_zero(values: Tensor) -> Tensor:
+    return values.detach().mean() if values.numel() else values.new_zeros(())

@@ -1,0 +1,25 @@
+"""Explicit random streams: every draw in the package goes through a ``torch.Generator``.
+
+A generator lives on one device. Drawing on the generator's device and moving the result keeps
+runs reproducible across CPU and CUDA (the same seed gives the same noise on both), at the
+price of a copy when the two differ; pass a CUDA generator to draw directly on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def randn_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise with ``like``'s shape, dtype and device."""
+    device = generator.device if generator is not None else like.device
+    noise = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
+def rand(count: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """``count`` uniform numbers in [0, 1) with ``like``'s dtype and device."""
+    device = generator.device if generator is not None else like.device
+    values = torch.rand(count, generator=generator, device=device, dtype=torch.float32)
+    return values.to(device=like.device, dtype=like.dtype)

