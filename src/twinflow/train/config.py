@@ -145,6 +145,8 @@ def validate(config: dict) -> None:
     for number, phase in enumerate(config["phases"]):
         phase_objective(phase, f"phases.{number}")
     training = config["training"]
+    for key in ("learning_rate", "weight_decay", "grad_clip", "ema_decay"):
+        training[key] = _as_float(training[key], f"training.{key}")
     if training["optimizer"] not in ("adam", "adamw"):
         raise ConfigError(f"training.optimizer must be 'adam' or 'adamw', got {training['optimizer']!r}")
     for key in ("batch_size", "grad_accumulation", "keep_checkpoints", "log_every"):
@@ -152,6 +154,16 @@ def validate(config: dict) -> None:
             raise ConfigError(f"training.{key} must be a positive integer, got {training[key]!r}")
     if not 0 <= float(training["ema_decay"]) < 1:
         raise ConfigError(f"training.ema_decay must lie in [0, 1), got {training['ema_decay']}")
+
+
+def _as_float(value: Any, where: str) -> float:
+    """YAML reads ``1e-3`` (no dot) as a string; accept it, reject what is not a number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
 
 
 def phase_objective(phase: Any, where: str) -> ObjectiveConfig:

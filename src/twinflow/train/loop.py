@@ -157,7 +157,7 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
                     teacher=teacher.network, generator=generator,
                 )
             if not torch.isfinite(result.loss):
-                raise TrainingDiverged(_diverged_message("loss", float(result.loss), step + 1, last_checkpoint))
+                raise TrainingDiverged(_diverged_message("loss", float(result.loss.detach()), step + 1, last_checkpoint))
             (result.loss / training["grad_accumulation"]).backward()
             for key, value in result.terms().items():
                 terms[key] = terms.get(key, 0.0) + value / training["grad_accumulation"]

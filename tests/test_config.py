@@ -1,0 +1,189 @@
+"""Tests for twinflow.train.config: defaults, YAML merge, --set overrides and strict key checking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from twinflow.train.config import DEFAULTS, ConfigError, load_config, total_steps
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load():
+    config = load_config()
+    assert config == DEFAULTS
+    assert config is not DEFAULTS
+    config["training"]["batch_size"] = 1  # a deep copy: the defaults stay untouched
+    assert DEFAULTS["training"]["batch_size"] == 64
+
+
+def test_yaml_file_merges_into_defaults(tmp_path):
+    path = _write(tmp_path, "seed: 7\ntraining: {batch_size: 16}\nmodel: {channels: [16, 32]}\n")
+    config = load_config(path)
+    assert config["seed"] == 7
+    assert config["training"]["batch_size"] == 16
+    # untouched siblings keep their defaults
+    assert config["training"]["learning_rate"] == DEFAULTS["training"]["learning_rate"]
+    assert config["training"]["optimizer"] == "adamw"
+    assert config["model"] == {"name": "unet", "channels": [16, 32]}
+    assert config["data"] == DEFAULTS["data"]
+
+
+def test_set_overrides_nested_keys_with_yaml_typing(tmp_path):
+    path = _write(tmp_path, "phases:\n  - {steps: 3, objective: {preset: twinflow}}\n")
+    config = load_config(
+        path,
+        [
+            "training.batch_size=32",
+            "phases.0.steps=5",
+            "phases.0.objective.estimate_order=1",
+            "model.channels=[8,16]",
+            "training.progress=false",
+            "data.limit=64",
+        ],
+    )
+    assert config["training"]["batch_size"] == 32 and type(config["training"]["batch_size"]) is int
+    assert config["phases"][0]["steps"] == 5 and type(config["phases"][0]["steps"]) is int
+    assert config["phases"][0]["objective"] == {"preset": "twinflow", "estimate_order": 1}
+    assert config["model"]["channels"] == [8, 16]
+    assert config["training"]["progress"] is False
+    assert config["data"]["limit"] == 64
+    assert total_steps(config) == 5
+
+
+def test_later_override_wins_over_file(tmp_path):
+    path = _write(tmp_path, "training: {batch_size: 16}\n")
+    config = load_config(path, ["training.batch_size=8", "training.batch_size=4"])
+    assert config["training"]["batch_size"] == 4
+
+
+def test_unknown_key_in_file_names_the_dotted_key(tmp_path):
+    path = _write(tmp_path, "training: {batch_sise: 16}\n")
+    with pytest.raises(ConfigError, match=r"training\.batch_sise"):
+        load_config(path)
+    path = _write(tmp_path, "sampling: {per_klass: 3}\n", "other.yaml")
+    with pytest.raises(ConfigError, match=r"sampling\.per_klass"):
+        load_config(path)
+
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    path = _write(tmp_path, "trainng: {batch_size: 16}\n")
+    with pytest.raises(ConfigError, match="trainng"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.bogus=1", "training.bogus"),
+    ("sampling.per_klass=3", "sampling.per_klass"),
+    ("nonsense=1", "nonsense"),
+    ("data.limit.deeper=1", "data.limit.deeper"),
+])
+def test_unknown_key_in_override_names_the_dotted_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert key in str(error.value)
+
+
+def test_bad_list_index_in_override():
+    with pytest.raises(ConfigError, match=r"phases\.3"):
+        load_config(None, ["phases.3.steps=5"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["training.batch_size"])
+
+
+def test_unknown_objective_field_is_named():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["phases.0.objective.bogus=1"])
+    assert "bogus" in str(error.value)
+    assert "phases.0" in str(error.value)
+
+
+def test_unknown_objective_field_in_file(tmp_path):
+    path = _write(tmp_path, "phases:\n  - {steps: 2, objective: {preset: rcgm, estimate_ordr: 1}}\n")
+    with pytest.raises(ConfigError, match="estimate_ordr"):
+        load_config(path)
+
+
+def test_unknown_model_field_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.widht"):
+        load_config(None, ["model.widht=3"])
+    path = _write(tmp_path, "model: {name: unet, chanels: [8, 16]}\n")
+    with pytest.raises(ConfigError, match=r"model\.chanels"):
+        load_config(path)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match="transformer"):
+        load_config(None, ["model.name=transformer"])
+
+
+def test_bad_objective_preset_is_an_error():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["phases.0.objective.preset=nope"])
+    assert "nope" in str(error.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.batch_size=0", "training.batch_size"),
+    ("training.optimizer=sgd", "training.optimizer"),
+    ("training.ema_decay=1.0", "training.ema_decay"),
+    ("precision=fp16", "precision"),
+    ("phases.0.steps=0", "phases.0.steps"),
+    ("phases=[]", "phases"),
+])
+def test_invalid_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert key in str(error.value)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = _write(tmp_path, "training: {batch_size: 16\nseed: [\n", "broken.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_non_mapping_yaml_names_the_file(tmp_path):
+    path = _write(tmp_path, "- just\n- a list\n", "list.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_file(tmp_path):
+    missing = tmp_path / "absent.yaml"
+    with pytest.raises(FileNotFoundError, match="absent.yaml"):
+        load_config(missing)
+
+
+def test_there_are_config_files():
+    assert CONFIGS, "configs/*.yaml is empty"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    assert total_steps(config) >= 1
+    assert set(config) == set(DEFAULTS)  # no stray top-level keys survived validation
+    assert config["model"]["name"] == "unet"
+
+
+def test_numbers_without_a_dot_are_numbers_and_bad_numbers_are_named():
+    from twinflow.train.config import ConfigError, load_config
+
+    config = load_config(None, ["training.learning_rate=1e-3"])
+    assert config["training"]["learning_rate"] == 1e-3
+    with pytest.raises(ConfigError, match="training.learning_rate"):
+        load_config(None, ["training.learning_rate=abc"])

@@ -1,0 +1,151 @@
+"""End-to-end tests of twinflow.train.loop on configs/tiny.yaml (a few steps over a few digits)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from twinflow.objective import TwinFlowObjective
+from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints
+from twinflow.train.config import load_config
+from twinflow.train.logging import read_metrics
+from twinflow.train.loop import TrainingDiverged, train
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+# 6 steps (3 flow matching + 3 TwinFlow) over 64 digits, one small grid at the end.
+OVERRIDES = [
+    "data.limit=64",
+    "device=cpu",
+    "training.checkpoint_every=3",
+    "training.keep_checkpoints=3",
+    "training.log_every=2",
+    "sampling.presets=[1nfe]",
+    "sampling.per_class=1",
+]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    # Two cores shared with other work: one intra-op thread is several times faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def config(single_thread) -> dict:
+    return load_config(TINY, OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run_a")
+    result = train(config, run)
+    assert result.steps == 6
+    assert result.final_checkpoint == checkpoint_folder(run, 6)
+    return run
+
+
+@pytest.fixture(scope="module")
+def resumed(config, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run_b")
+    train(config, run)
+    # Lose the final checkpoint: the run must continue from step 3.
+    shutil.rmtree(checkpoint_folder(run, 6))
+    assert list_checkpoints(run)[-1] == checkpoint_folder(run, 3)
+    result = train(config, run, resume=True)
+    assert result.final_checkpoint == checkpoint_folder(run, 6)
+    return run
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "ema.safetensors"])
+def test_resume_equals_uninterrupted(uninterrupted, resumed, name):
+    expected = _tensors(checkpoint_folder(uninterrupted, 6) / name)
+    got = _tensors(checkpoint_folder(resumed, 6) / name)
+    assert expected.keys() == got.keys() and expected
+    different = [key for key in expected if not torch.equal(expected[key], got[key])]
+    assert not different, f"{name}: resumed weights differ from the uninterrupted run in {different[:5]}"
+    # ... and training did move the weights away from the step-3 state.
+    at_three = _tensors(checkpoint_folder(uninterrupted, 3) / name)
+    assert any(not torch.equal(at_three[key], expected[key]) for key in expected)
+
+
+def test_resumed_metrics_have_no_duplicated_steps(uninterrupted, resumed):
+    first, second = read_metrics(uninterrupted), read_metrics(resumed)
+    steps = [line["step"] for line in second]
+    assert steps == sorted(set(steps)) == [2, 4, 6]
+    assert [line["step"] for line in first] == steps
+    # The same losses, step for step (timings aside).
+    for a, b in zip(first, second):
+        assert {k: v for k, v in a.items() if k != "seconds_per_step"} == {
+            k: v for k, v in b.items() if k != "seconds_per_step"
+        }
+
+
+def test_run_folder_contents(uninterrupted):
+    assert (uninterrupted / "config.yaml").is_file()
+    assert (uninterrupted / "summary.json").is_file()
+    assert (uninterrupted / "samples_1nfe.png").is_file()
+    assert list_checkpoints(uninterrupted) == [checkpoint_folder(uninterrupted, 3), checkpoint_folder(uninterrupted, 6)]
+
+
+def test_metrics_carry_loss_terms_and_network_calls(uninterrupted):
+    lines = read_metrics(uninterrupted)
+    assert [line["step"] for line in lines] == [2, 4, 6]
+    for line in lines:
+        for key in ("loss", "loss_base", "loss_adversarial", "loss_rectify", "network_calls", "phase",
+                    "learning_rate", "gradient_norm"):
+            assert key in line, f"metrics line {line['step']} lacks {key}"
+        assert torch.isfinite(torch.tensor(line["loss"]))
+    flow_matching, twinflow = lines[0], lines[1:]
+    assert flow_matching["phase"] == 0
+    assert flow_matching["network_calls"] == 1  # plain flow matching: the gradient call only
+    assert flow_matching["loss_adversarial"] == 0.0 and flow_matching["loss_rectify"] == 0.0
+    for line in twinflow:
+        assert line["phase"] == 1
+        assert line["network_calls"] > 1
+        assert line["loss_adversarial"] > 0.0
+
+
+def _nan_from_call(monkeypatch, bad_call: int) -> None:
+    """Make the objective's loss NaN on its ``bad_call``-th call (1-based; one call per step here)."""
+    original = TwinFlowObjective.__call__
+    calls = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == bad_call:
+            return dataclasses.replace(result, loss=result.loss * float("nan"))
+        return result
+
+    monkeypatch.setattr(TwinFlowObjective, "__call__", patched)
+
+
+def test_nan_loss_stops_and_names_step_and_last_checkpoint(config, tmp_path, monkeypatch):
+    _nan_from_call(monkeypatch, bad_call=4)
+    with pytest.raises(TrainingDiverged) as error:
+        train(config, tmp_path)
+    message = str(error.value)
+    assert re.search(r"\bstep 4\b", message), message
+    assert str(checkpoint_folder(tmp_path, 3)) in message
+    # The named checkpoint is there and nothing later was written.
+    assert list_checkpoints(tmp_path) == [checkpoint_folder(tmp_path, 3)]
+
+
+def test_nan_before_any_checkpoint_says_so(config, tmp_path, monkeypatch):
+    _nan_from_call(monkeypatch, bad_call=1)
+    with pytest.raises(TrainingDiverged, match=r"step 1\b.*no checkpoint was saved yet"):
+        train(config, tmp_path)
+    assert list_checkpoints(tmp_path) == []
