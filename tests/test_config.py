@@ -187,3 +187,14 @@ def test_numbers_without_a_dot_are_numbers_and_bad_numbers_are_named():
     assert config["training"]["learning_rate"] == 1e-3
     with pytest.raises(ConfigError, match="training.learning_rate"):
         load_config(None, ["training.learning_rate=abc"])
+
+
+def test_phase_learning_rate_is_optional_and_checked():
+    from twinflow.train.config import ConfigError, load_config
+
+    config = load_config(None, ["phases=[{steps: 2, learning_rate: 1e-4}, {steps: 3}]"])
+    assert config["phases"][0]["learning_rate"] == 1e-4 and "learning_rate" not in config["phases"][1]
+    with pytest.raises(ConfigError, match="phases.0.learning_rate"):
+        load_config(None, ["phases=[{steps: 2, learning_rate: fast}]"])
+    with pytest.raises(ConfigError, match="phases.0"):
+        load_config(None, ["phases=[{steps: 2, rate: 1}]"])

@@ -240,7 +240,7 @@ def test_guidance_needs_null_condition_and_batch_sizes_must_agree():
     data, labels = torch.zeros(SHAPE), torch.zeros(SHAPE[0], dtype=torch.long)
     with pytest.raises(ValueError, match="null_cond"):
         objective(Probe(), data, labels, None)
-    with pytest.raises(ValueError, match="cond has batch size 3"):
+    with pytest.raises(ValueError, match="cond must have batch size 12"):
         objective(Probe(), data, labels[:3], labels[:3])
 
 

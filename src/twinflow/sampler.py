@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from twinflow.conditions import check_batch, concatenate
 from twinflow.path import Endpoints, LinearPath, Path
 
 __all__ = [
@@ -278,59 +279,6 @@ class SampleResult:
     times: Tensor
 
 
-# -- conditions --------------------------------------------------------------------------------
-
-
-def _is_structure(value: object) -> bool:
-    """A tuple/list holding tensors, mappings or ``None`` (e.g. ``(embeddings, mask)``)."""
-    return isinstance(value, (tuple, list)) and all(
-        item is None or isinstance(item, (Tensor, Mapping)) or _is_structure(item) for item in value
-    )
-
-
-def _check_condition_batch(cond: object, batch: int, name: str) -> None:
-    """Every tensor in ``cond`` (and every per-sample list) must have ``batch`` entries."""
-    if cond is None:
-        return
-    if isinstance(cond, Tensor):
-        if cond.ndim == 0 or cond.shape[0] != batch:
-            raise ValueError(
-                f"{name} must have batch size {batch} like the noise, got shape {tuple(cond.shape)}"
-            )
-    elif isinstance(cond, Mapping):
-        for key, value in cond.items():
-            _check_condition_batch(value, batch, f"{name}[{key!r}]")
-    elif _is_structure(cond):
-        for index, value in enumerate(cond):
-            _check_condition_batch(value, batch, f"{name}[{index}]")
-    elif isinstance(cond, (tuple, list)):  # one entry per sample, e.g. prompts
-        if len(cond) != batch:
-            raise ValueError(f"{name} must have {batch} entries like the noise, got {len(cond)}")
-
-
-def _concat_conditions(cond: object, null_cond: object) -> object:
-    """Stack ``cond`` and ``null_cond`` along the batch, keeping their structure."""
-    if cond is None and null_cond is None:
-        return None
-    if isinstance(cond, Tensor) and isinstance(null_cond, Tensor):
-        return torch.cat([cond, null_cond.to(cond.device)], dim=0)
-    if isinstance(cond, Mapping) and isinstance(null_cond, Mapping):
-        if set(cond) != set(null_cond):
-            raise ValueError(
-                f"null_cond must have the same keys as cond, got {sorted(null_cond)} "
-                f"and {sorted(cond)}"
-            )
-        return {key: _concat_conditions(cond[key], null_cond[key]) for key in cond}
-    if _is_structure(cond) and _is_structure(null_cond) and len(cond) == len(null_cond):
-        return type(cond)(_concat_conditions(a, b) for a, b in zip(cond, null_cond))
-    if isinstance(cond, (tuple, list)) and isinstance(null_cond, (tuple, list)):
-        return list(cond) + list(null_cond)
-    raise ValueError(
-        f"cannot batch cond of type {type(cond).__name__} with null_cond of type "
-        f"{type(null_cond).__name__} for guidance; use tensors, mappings or lists of them"
-    )
-
-
 # -- the sampler -------------------------------------------------------------------------------
 
 
@@ -358,7 +306,7 @@ def _evaluate(
     target = torch.full((batch * copies,), r, dtype=time_dtype, device=x.device)
     if guided:
         # One batched forward for the conditional and the unconditional halves.
-        both_conditions = _concat_conditions(cond, null_cond)
+        both_conditions = concatenate([cond, null_cond])
         output = model(torch.cat([inputs, inputs], dim=0), time, target, both_conditions)
     else:
         output = model(inputs, time, target, cond)
@@ -427,13 +375,13 @@ def sample(
     if not noise.is_floating_point():
         raise ValueError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
     batch = noise.shape[0]
-    _check_condition_batch(cond, batch, "cond")
+    check_batch(cond, batch, "cond")
     if config.guidance_scale != 0.0:
         if null_cond is None:
             raise ValueError(
                 f"guidance_scale={config.guidance_scale} needs null_cond (the empty condition)"
             )
-        _check_condition_batch(null_cond, batch, "null_cond")
+        check_batch(null_cond, batch, "null_cond")
     path = LinearPath() if path is None else path
 
     model_dtype = noise.dtype

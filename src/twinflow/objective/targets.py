@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from twinflow.objective.conditions import Condition, concatenate, select
+from twinflow.conditions import Condition, concatenate, select
 from twinflow.path import Path
 from twinflow.randomness import rand, randn_like
 

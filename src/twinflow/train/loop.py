@@ -142,7 +142,8 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     for step in range(start_step, steps):
         phase = phase_at(config, step)
         objective = objectives[phase]
-        learning_rate = learning_rate_at(step, float(training["learning_rate"]), training["warmup_steps"])
+        peak = config["phases"][phase].get("learning_rate", training["learning_rate"])
+        learning_rate = learning_rate_at(step, float(peak), training["warmup_steps"])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
 
