@@ -26,15 +26,6 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    # Two cores shared with other work: one intra-op thread is several times faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def run(single_thread, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli_run")
     code = main(["train", "--config", str(TINY), "--out", str(out), *_sets(SMALL)])

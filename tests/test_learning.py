@@ -26,14 +26,6 @@ def one_step_quality(generator: ClassConditionalGenerator, reference_images, ref
     return scores.accuracy, scores.distance
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread avoids contention with other processes
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_short_twinflow_run_improves_one_step_samples(tmp_path, single_thread):
     overrides = [
         "device=cpu", "data.limit=null", "training.batch_size=32", "training.learning_rate=3e-3",

@@ -31,15 +31,6 @@ OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def single_thread():
-    # Two cores shared with other work: one intra-op thread is several times faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def config(single_thread) -> dict:
     return load_config(TINY, OVERRIDES)
 
@@ -149,3 +140,12 @@ def test_nan_before_any_checkpoint_says_so(config, tmp_path, monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"step 1\b.*no checkpoint was saved yet"):
         train(config, tmp_path)
     assert list_checkpoints(tmp_path) == []
+
+
+def test_training_curves_picture_is_written(uninterrupted):
+    from PIL import Image
+
+    picture = uninterrupted / "training_curves.png"
+    assert picture.is_file()
+    with Image.open(picture) as image:
+        assert image.size[0] > 300 and image.size[1] > 200

@@ -14,7 +14,9 @@ from torch import Tensor
 def randn_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal noise with ``like``'s shape, dtype and device."""
     device = generator.device if generator is not None else like.device
-    noise = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+    # Half-precision tensors get float32 noise, rounded after: the stream stays the same.
+    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    noise = torch.randn(like.shape, generator=generator, device=device, dtype=dtype)
     return noise.to(device=like.device, dtype=like.dtype)
 
 

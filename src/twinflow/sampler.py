@@ -29,6 +29,7 @@ from torch import Tensor
 
 from twinflow.conditions import check_batch, concatenate
 from twinflow.path import Endpoints, LinearPath, Path
+from twinflow.randomness import randn_like
 
 __all__ = [
     "SAMPLER_PRESETS",
@@ -344,9 +345,10 @@ def sample(
         null_cond: the "empty" condition for classifier-free guidance, same structure as
             ``cond``; required when ``config.guidance_scale != 0``.
         path: the probability path used to recover and re-noise; default :class:`LinearPath`.
-        generator: random source for the fresh noise of stochastic steps (must live on the
-            noise's device). ``None`` uses torch's global RNG. Deterministic steps (rho = 0)
-            and the final step draw nothing; a stochastic step draws one noise-shaped tensor.
+        generator: random source for the fresh noise of stochastic steps (on any device: the
+            noise is drawn there and moved to the sample's device). ``None`` uses torch's
+            global RNG. Deterministic steps (rho = 0) and the final step draw nothing; a
+            stochastic step draws one noise-shaped tensor.
         return_trajectory: keep ``x`` at every grid time in the result.
 
     The sampler state is kept in at least float32 (float64 stays float64); the model sees
@@ -438,9 +440,7 @@ def sample(
             rho = step_stochastic_ratio(config.stochastic_ratio, t_cur, t_next, path)
             noise_part = current.noise
             if rho > 0.0 and t_next > 0.0:
-                fresh = torch.randn(
-                    x.shape, generator=generator, device=x.device, dtype=work_dtype
-                )
+                fresh = randn_like(x, generator)  # drawn on the generator's device
                 noise_part = math.sqrt(1.0 - rho) * current.noise + math.sqrt(rho) * fresh
             x = path.interpolate(current.data, noise_part, t_next)
             if trajectory is not None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from twinflow.data import DataConfig, ShuffledBatches, load_dataset
 from twinflow.eval.grid import save_grid
+from twinflow.eval.plots import plot_training_curves
 from twinflow.models import build_model, count_parameters
 from twinflow.objective import TwinFlowObjective
 from twinflow.path import get_path
@@ -27,7 +28,7 @@ from twinflow.pipeline import ClassConditionalGenerator, resolve_device
 from twinflow.teacher import EMATeacher
 from twinflow.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from twinflow.train.config import model_arguments, phase_at, phase_objective, total_steps
-from twinflow.train.logging import MetricsLogger
+from twinflow.train.logging import MetricsLogger, read_metrics
 
 
 class TrainingDiverged(RuntimeError):
@@ -191,6 +192,7 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     final_checkpoint = make_checkpoint(steps) if start_step < steps or last_checkpoint is None else last_checkpoint
     grids = save_grids(steps, final=True)
     logger.close()
+    plot_training_curves(read_metrics(run_directory), run_directory / "training_curves.png")
     summary = {"steps": steps, "parameters": parameters, "final_checkpoint": str(final_checkpoint),
                "grids": {k: str(v) for k, v in grids.items()}}
     (run_directory / "summary.json").write_text(json.dumps(summary, indent=2))
