@@ -1,4 +1,4 @@
-"""Command line: ``twinflow train | sample``."""
+"""Command line: ``twinflow train | sample | eval``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--ema", action="store_true", help="use the EMA teacher's weights")
     sample.add_argument("--device", default="auto")
     sample.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+
+    evaluate = commands.add_parser("eval", help="score sampler presets against real data (accuracy, Fréchet distance, precision/recall)")
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
+    evaluate.add_argument("--presets", default="1nfe,2nfe,4nfe,multi", help="comma-separated sampler presets")
+    evaluate.add_argument("--num", type=int, default=1000, help="generated images per preset, balanced over the classes")
+    evaluate.add_argument("--classifier", type=Path,
+                          help="a saved digit classifier (folder with classifier.safetensors + classifier.json); "
+                               "default: the cached one for the checkpoint's data, trained once")
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling noise and subset seed")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--ema", action="store_true", help="use the EMA teacher's weights")
+    evaluate.add_argument("--k", type=int, default=3, help="neighbours for the precision/recall manifolds")
+    evaluate.add_argument("--batch-size", type=int, default=500)
+    evaluate.add_argument("--inception", action="store_true",
+                          help="add an Inception FID when torch-fidelity and its weights are present (never downloads)")
+    evaluate.add_argument("--out", type=Path, help="write the report as JSON")
     return parser
 
 
@@ -92,11 +108,31 @@ def command_sample(arguments: argparse.Namespace) -> None:
         print(f"npz: {arguments.npz}")
 
 
+def command_eval(arguments: argparse.Namespace) -> None:
+    import json
+
+    from twinflow.eval.evaluate import evaluate_checkpoint
+
+    presets = [name.strip() for name in arguments.presets.split(",") if name.strip()]
+    if arguments.classifier is not None and not arguments.classifier.exists():
+        raise FileNotFoundError(f"--classifier {arguments.classifier} does not exist")
+    report = evaluate_checkpoint(
+        arguments.checkpoint, presets=presets, num=arguments.num, classifier=arguments.classifier,
+        seed=arguments.seed, device=arguments.device, use_ema=arguments.ema, k=arguments.k,
+        inception=arguments.inception, batch_size=arguments.batch_size, log=print,
+    )
+    print(report.to_markdown())
+    if arguments.out:
+        arguments.out.parent.mkdir(parents=True, exist_ok=True)
+        arguments.out.write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"report: {arguments.out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     from twinflow.train.loop import TrainingDiverged
 
-    handlers = {"train": command_train, "sample": command_sample}
+    handlers = {"train": command_train, "sample": command_sample, "eval": command_eval}
     try:
         handlers[arguments.command](arguments)
     except (ValueError, FileNotFoundError, ImportError, TrainingDiverged) as error:
