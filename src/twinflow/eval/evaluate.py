@@ -21,7 +21,6 @@ is compared with (a fixed seeded subset), because k-NN radii shrink as a set gro
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,14 +180,10 @@ def balanced_labels(num: int, num_classes: int) -> Tensor:
 
 
 def _checkpoint_state(checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
-    from twinflow.train.checkpoint import STATE_FILE, resolve_checkpoint
+    from twinflow.train.checkpoint import STATE_FILE, read_state
 
-    folder = resolve_checkpoint(checkpoint)
+    folder, state = read_state(checkpoint)
     state_path = folder / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"checkpoint state file {state_path} is not valid JSON: {error}") from error
     if not isinstance(state.get("config"), dict) or not isinstance(state["config"].get("data"), dict):
         raise ValueError(f"checkpoint state file {state_path} has no 'config.data' entry: cannot tell which real data to compare with")
     return folder, state

@@ -97,17 +97,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def read_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint folder (``path`` or a run's newest) and its parsed ``state.json``."""
+    folder = resolve_checkpoint(path)
+    state_path = folder / STATE_FILE
+    try:
+        return folder, json.loads(state_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"checkpoint state file {state_path} is not valid JSON: {error}") from error
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full: bool = True) -> Checkpoint:
     """Read a checkpoint (a checkpoint folder or a run folder: its newest one).
 
     ``full=False`` reads only the weights and the state (enough for sampling).
     """
-    folder = resolve_checkpoint(path)
-    state_path = folder / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"checkpoint state file {state_path} is not valid JSON: {error}") from error
+    folder, state = read_state(path)
     device = str(map_location)
     model = _load_tensors(folder / "model.safetensors", device)
     ema_path = folder / "ema.safetensors"
