@@ -75,6 +75,15 @@ def test_eval_writes_json_and_prints_a_markdown_table(run, classifier_path, tmp_
     assert report["inception_message"] is None
 
 
+def test_eval_takes_sampler_specs(run, classifier_path, capsys):
+    assert main(["eval", "--checkpoint", str(run), "--presets", "multi:steps=3,4nfe:gaps=[0.001,0.4]", "--num", "20",
+                 "--classifier", str(classifier_path), "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    assert "| multi:steps=3 | 3 | 20 |" in stdout and "| 4nfe:gaps=[0.001,0.4] | 4 | 20 |" in stdout
+    with pytest.raises(ValueError, match="unknown sampler preset 'fast'"):
+        evaluate_checkpoint(run, presets=["fast"], num=20, classifier=classifier_path, device="cpu")
+
+
 def test_real_held_out_digits_beat_an_untrained_generator(run, classifier_path):
     # six training steps make noise-like blobs: the real row must score far better
     report = evaluate_checkpoint(run, presets=["1nfe"], num=50, classifier=classifier_path, device="cpu")

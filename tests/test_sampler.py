@@ -11,6 +11,8 @@ from toy import GaussianToy
 
 from twinflow.path import CosinePath, LinearPath
 from twinflow.sampler import (
+    sampler_from_spec,
+    split_specs,
     SAMPLER_PRESETS,
     SamplerConfig,
     sample,
@@ -367,6 +369,18 @@ def test_sampler_config_errors_and_overrides():
     config = sampler_config("4nfe", stochastic_ratio=0.5, gaps=[0.0, 0.5])
     assert config.stochastic_ratio == 0.5 and config.gaps == (0.0, 0.5) and config.steps == 4
     assert SAMPLER_PRESETS["4nfe"].stochastic_ratio == 1.0  # presets untouched
+
+
+def test_sampler_specs():
+    assert sampler_from_spec("1nfe") == SAMPLER_PRESETS["1nfe"]
+    assert sampler_from_spec("multi:steps=50") == replace(SAMPLER_PRESETS["multi"], steps=50)
+    config = sampler_from_spec(" 4nfe:stochastic_ratio=auto:gaps=[0.001,0.4] ")
+    assert config.stochastic_ratio == "auto" and config.gaps == (0.001, 0.4)
+    assert split_specs("1nfe, multi:steps=50,4nfe:gaps=[0.001,0.4],") == ["1nfe", "multi:steps=50", "4nfe:gaps=[0.001,0.4]"]
+    with pytest.raises(ValueError, match="'steps50' must look like key=value"):
+        sampler_from_spec("multi:steps50")
+    with pytest.raises(ValueError, match="unknown sampler option 'step'"):
+        sampler_from_spec("multi:step=5")
 
 
 def test_config_round_trip_and_unknown_keys():

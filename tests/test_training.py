@@ -78,10 +78,12 @@ def test_resumed_metrics_have_no_duplicated_steps(uninterrupted, resumed):
     assert steps == sorted(set(steps)) == [2, 4, 6]
     assert [line["step"] for line in first] == steps
     # The same losses, step for step (timings aside).
+    timings = {"seconds_per_step", "training_seconds"}
     for a, b in zip(first, second):
-        assert {k: v for k, v in a.items() if k != "seconds_per_step"} == {
-            k: v for k, v in b.items() if k != "seconds_per_step"
-        }
+        assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
+    # Training time accumulates over the resume instead of restarting from zero.
+    clock = [line["training_seconds"] for line in second]
+    assert all(later > earlier > 0 for earlier, later in zip(clock, clock[1:]))
 
 
 def test_run_folder_contents(uninterrupted):

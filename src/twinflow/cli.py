@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score sampler presets against real data (accuracy, Fréchet distance, precision/recall)")
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
-    evaluate.add_argument("--presets", default="1nfe,2nfe,4nfe,multi", help="comma-separated sampler presets")
+    evaluate.add_argument("--presets", default="1nfe,2nfe,4nfe,multi", help="comma-separated sampler presets or specs, e.g. 1nfe,multi:steps=50")
     evaluate.add_argument("--num", type=int, default=1000, help="generated images per preset, balanced over the classes")
     evaluate.add_argument("--classifier", type=Path,
                           help="a saved digit classifier (folder with classifier.safetensors + classifier.json); "
@@ -113,7 +113,9 @@ def command_eval(arguments: argparse.Namespace) -> None:
 
     from twinflow.eval.evaluate import evaluate_checkpoint
 
-    presets = [name.strip() for name in arguments.presets.split(",") if name.strip()]
+    from twinflow.sampler import split_specs
+
+    presets = split_specs(arguments.presets)
     if arguments.classifier is not None and not arguments.classifier.exists():
         raise FileNotFoundError(f"--classifier {arguments.classifier} does not exist")
     report = evaluate_checkpoint(

@@ -20,6 +20,7 @@ Each step ``t_cur -> t_next`` of the grid (:func:`time_grid`):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -38,6 +39,8 @@ __all__ = [
     "SamplerConfig",
     "sample",
     "sampler_config",
+    "sampler_from_spec",
+    "split_specs",
     "step_stochastic_ratio",
     "target_time",
     "time_grid",
@@ -197,6 +200,29 @@ def sampler_config(preset: str | None = None, **overrides: Any) -> SamplerConfig
         for key, value in overrides.items()
     }
     return replace(base, **converted).validate()
+
+
+def sampler_from_spec(spec: str) -> SamplerConfig:
+    """A config from a one-line spec ``PRESET[:key=value[:key=value...]]`` (command lines, reports).
+
+    Examples: ``"1nfe"``, ``"multi:steps=50"``, ``"4nfe:stochastic_ratio=0.5:gaps=[0.001,0.4]"``.
+    Values are read as YAML scalars or lists (``auto``, ``0.5``, ``[1.17,0.8,1.1]``).
+    """
+    import yaml  # only spec strings need it
+
+    name, *options = spec.strip().split(":")
+    overrides = {}
+    for option in options:
+        key, separator, value = option.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"sampler spec {spec!r}: {option!r} must look like key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return sampler_config(name.strip(), **overrides)
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of sampler specs, keeping commas inside ``[...]``."""
+    return [part.strip() for part in re.split(r",(?![^\[]*\])", text) if part.strip()]
 
 
 def time_grid(config: SamplerConfig) -> Tensor:

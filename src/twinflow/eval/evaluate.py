@@ -245,6 +245,9 @@ def evaluate_checkpoint(
 ) -> EvaluationReport:
     """Score ``num`` samples of each sampler preset of ``checkpoint`` (a checkpoint or run folder).
 
+    ``presets`` are preset names or specs such as ``"multi:steps=50"``
+    (:func:`twinflow.sampler.sampler_from_spec`); each names its row of the report.
+
     ``classifier``: ``None`` uses (or trains once and caches) the classifier for the checkpoint's
     data set; a path loads a saved one; a ``(classifier, report)`` pair is used as given.
     ``seed`` fixes the sampling noise and the seeded subsets. ``inception`` adds an Inception
@@ -252,12 +255,12 @@ def evaluate_checkpoint(
     Timings are wall time of the sampling alone, after a small warm-up call per preset.
     """
     from twinflow.pipeline import load, resolve_device
-    from twinflow.sampler import SAMPLER_PRESETS
+    from twinflow.sampler import SAMPLER_PRESETS, sampler_from_spec
 
     presets = list(presets)
-    unknown = [name for name in presets if name not in SAMPLER_PRESETS]
-    if unknown or not presets:
-        raise ValueError(f"unknown sampler preset(s) {unknown or presets}; choose from {sorted(SAMPLER_PRESETS)}")
+    if not presets:
+        raise ValueError(f"no sampler presets given; choose from {sorted(SAMPLER_PRESETS)}")
+    configs = {spec: sampler_from_spec(spec) for spec in presets}  # fails early, naming the bad spec
     if num < max(2, k + 1):
         raise ValueError(f"--num must be at least {max(2, k + 1)} (Fréchet statistics and k={k} precision/recall), got {num}")
     device = resolve_device(device)
@@ -312,8 +315,9 @@ def evaluate_checkpoint(
     for preset in presets:
         if log is not None:
             log(f"sampling {num} images with preset {preset}")
-        generator.sample(labels=labels[: min(num, 2 * generator.num_classes)], preset=preset, seed=seed, batch_size=batch_size)  # warm-up
-        samples = generator.sample(labels=labels, preset=preset, seed=seed, batch_size=batch_size)
+        config = configs[preset]
+        generator.sample(labels=labels[: min(num, 2 * generator.num_classes)], preset=config, seed=seed, batch_size=batch_size)  # warm-up
+        samples = generator.sample(labels=labels, preset=config, seed=seed, batch_size=batch_size)
         logits, features = network.predict(samples.images * 2 - 1, batch_size)
         scores = _score(preset, samples.network_calls, logits, features, samples.labels, reference_statistics, reference_subset, k)
         scores.seconds = samples.seconds

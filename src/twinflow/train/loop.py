@@ -75,6 +75,7 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
 
     # ---- start: resume, initialise from another run, or fresh ----------------------------
     start_step = 0
+    elapsed_before = 0.0  # training seconds of earlier runs of this run directory (resume)
     logger = MetricsLogger(run_directory, tensorboard=training["tensorboard"])
     if resume:
         stored = load_checkpoint(run_directory, map_location=device)
@@ -88,6 +89,7 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
         batches.load_state_dict(stored.state["data_order"])
         generator.set_state(stored.random["objective_generator"])
         start_step = stored.step
+        elapsed_before = float(stored.state.get("training_seconds", 0.0))
         logger.truncate_after(start_step)
         print(f"resumed from {list_checkpoints(run_directory)[-1]} at step {start_step}")
     elif training["init_from"]:
@@ -100,8 +102,13 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     (run_directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     parameters = count_parameters(model)
 
+    def training_seconds() -> float:
+        """Wall time spent in the loop so far, over all resumes (sampling grids excluded)."""
+        return elapsed_before + time.perf_counter() - started - grid_seconds
+
     def make_checkpoint(step: int) -> Path:
         state = {
+            "training_seconds": training_seconds(),
             "architecture": architecture,
             "config": config,
             "path": "linear",
@@ -139,7 +146,7 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     last_checkpoint: Path | None = list_checkpoints(run_directory)[-1] if resume else None
     model.train()
     progress = tqdm(total=steps, initial=start_step, disable=not training["progress"], desc="train", unit="step")
-    started, timed_steps = time.perf_counter(), 0
+    started, timed_steps, grid_seconds = time.perf_counter(), 0, 0.0
     for step in range(start_step, steps):
         phase = phase_at(config, step)
         objective = objectives[phase]
@@ -181,12 +188,15 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
             logger.log(done, {
                 **terms, "phase": phase, "learning_rate": learning_rate, "gradient_norm": float(gradient_norm),
                 "network_calls": result.network_calls, "seconds_per_step": seconds,
+                "training_seconds": training_seconds(),
             })
             progress.set_postfix(loss=f"{terms['loss']:.4f}", phase=phase)
         if training["checkpoint_every"] and done % training["checkpoint_every"] == 0 and done != steps:
             last_checkpoint = make_checkpoint(done)
         if training["sample_every"] and done % training["sample_every"] == 0 and done != steps:
+            grid_started = time.perf_counter()
             save_grids(done)
+            grid_seconds += time.perf_counter() - grid_started
     progress.close()
 
     final_checkpoint = make_checkpoint(steps) if start_step < steps or last_checkpoint is None else last_checkpoint
