@@ -26,7 +26,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python benchmarks/step_cost.py
+	$(BIN)/python benchmarks/report.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs
