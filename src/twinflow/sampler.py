@@ -38,6 +38,7 @@ __all__ = [
     "SampleResult",
     "SamplerConfig",
     "sample",
+    "renoise",
     "sampler_config",
     "sampler_from_spec",
     "split_specs",
@@ -309,6 +310,41 @@ class SampleResult:
 # -- the sampler -------------------------------------------------------------------------------
 
 
+def renoise(
+    ends: Endpoints,
+    previous: Endpoints | None,
+    t_cur: float,
+    t_next: float,
+    config: SamplerConfig,
+    path: Path,
+    generator: torch.Generator | None,
+    like: Tensor,
+) -> Tensor:
+    """The end of one sampler step: from this step's endpoints to ``x`` at ``t_next``.
+
+    Extrapolates both endpoints from the previous step's (un-extrapolated) ones by kappa, then
+    re-noises: ``x_next = interpolate(x_hat, sqrt(1 - rho) z_hat + sqrt(rho) eps, t_next)``.
+    ``like`` gives the shape, dtype and device of the fresh noise ``eps``.
+    Shared by :func:`sample` and the diffusers-style scheduler.
+    """
+    current = ends
+    kappa = config.extrapolation_ratio  # kappa in the paper
+    if kappa != 0.0 and previous is not None:
+        current = Endpoints(
+            data=ends.data + kappa * (ends.data - previous.data),
+            noise=ends.noise + kappa * (ends.noise - previous.noise),
+        )
+    # "auto" rho is recomputed at every step; the reference overwrites the setting with
+    # the first step's value and reuses it afterwards (a bug, not reproduced).
+    rho = step_stochastic_ratio(config.stochastic_ratio, t_cur, t_next, path)
+    noise_part = current.noise
+    if rho > 0.0 and t_next > 0.0:
+        fresh = randn_like(like, generator)  # drawn on the generator's device
+        noise_part = math.sqrt(1.0 - rho) * current.noise + math.sqrt(rho) * fresh
+    return path.interpolate(current.data, noise_part, t_next)
+
+
+
 def _evaluate(
     model: Model,
     x: Tensor,
@@ -452,23 +488,8 @@ def sample(
                 noise_end = (x_heun - path.gamma(time_next) * data) / path.alpha(time_next)
                 ends = Endpoints(data=data, noise=noise_end)
 
-            current = ends
-            kappa = config.extrapolation_ratio  # kappa in the paper
-            if kappa != 0.0 and previous is not None:
-                current = Endpoints(
-                    data=ends.data + kappa * (ends.data - previous.data),
-                    noise=ends.noise + kappa * (ends.noise - previous.noise),
-                )
+            x = renoise(ends, previous, t_cur, t_next, config, path, generator, like=x)
             previous = ends
-
-            # "auto" rho is recomputed at every step; the reference overwrites the setting with
-            # the first step's value and reuses it afterwards (a bug, not reproduced).
-            rho = step_stochastic_ratio(config.stochastic_ratio, t_cur, t_next, path)
-            noise_part = current.noise
-            if rho > 0.0 and t_next > 0.0:
-                fresh = randn_like(x, generator)  # drawn on the generator's device
-                noise_part = math.sqrt(1.0 - rho) * current.noise + math.sqrt(rho) * fresh
-            x = path.interpolate(current.data, noise_part, t_next)
             if trajectory is not None:
                 trajectory.append(x.to(model_dtype))
 

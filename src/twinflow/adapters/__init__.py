@@ -1,0 +1,46 @@
+"""diffusers transformers as TwinFlow backbones ``F(x_t, t, r, condition)`` (spec sections 4-5).
+
+One adapter per family (``qwen_image``, ``z_image``, ``sd3``, ``flux``), each a drop-in
+``torch.nn.Module`` for :class:`~twinflow.objective.TwinFlowObjective` and
+:func:`~twinflow.sampler.sample`. The target time ``r`` enters through a second time embedding
+wrapped around the model's own (``base``); the extra weights are saved and loaded under the
+released key names (``weights``). Nothing here imports diffusers except :func:`load_adapter`.
+"""
+
+from twinflow.adapters.base import TargetTimeEmbedding, TimeConvention, TransformerAdapter
+from twinflow.adapters.flux import FLUX_TIME, FluxAdapter
+from twinflow.adapters.qwen_image import QWEN_IMAGE_TIME, QwenImageAdapter
+from twinflow.adapters.registry import ADAPTERS, adapter_for, build_adapter, family_of, load_adapter
+from twinflow.adapters.sd3 import SD3_TIME, SD3Adapter
+from twinflow.adapters.weights import (
+    extra_state_dict,
+    find_extra_weights,
+    load_extra_weights,
+    save_extra_weights,
+    weight_files,
+)
+from twinflow.adapters.z_image import Z_IMAGE_TIME, ZImageAdapter
+
+__all__ = [
+    "ADAPTERS",
+    "FLUX_TIME",
+    "QWEN_IMAGE_TIME",
+    "SD3_TIME",
+    "Z_IMAGE_TIME",
+    "FluxAdapter",
+    "QwenImageAdapter",
+    "SD3Adapter",
+    "TargetTimeEmbedding",
+    "TimeConvention",
+    "TransformerAdapter",
+    "ZImageAdapter",
+    "adapter_for",
+    "build_adapter",
+    "extra_state_dict",
+    "family_of",
+    "find_extra_weights",
+    "load_adapter",
+    "load_extra_weights",
+    "save_extra_weights",
+    "weight_files",
+]

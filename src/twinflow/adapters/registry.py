@@ -1,0 +1,68 @@
+"""The adapter registry: family names, detection from the transformer's class, loading a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from twinflow.adapters.base import TransformerAdapter
+from twinflow.adapters.flux import FluxAdapter
+from twinflow.adapters.qwen_image import QwenImageAdapter
+from twinflow.adapters.sd3 import SD3Adapter
+from twinflow.adapters.weights import find_extra_weights
+from twinflow.adapters.z_image import ZImageAdapter
+
+__all__ = ["ADAPTERS", "adapter_for", "build_adapter", "family_of", "load_adapter"]
+
+ADAPTERS: dict[str, type[TransformerAdapter]] = {
+    adapter.family: adapter for adapter in (QwenImageAdapter, ZImageAdapter, SD3Adapter, FluxAdapter)
+}
+
+
+def _family_of_class_names(names: list[str]) -> str:
+    for name in names:
+        for family, adapter in ADAPTERS.items():
+            if name in adapter.class_names:
+                return family
+    known = sorted(name for adapter in ADAPTERS.values() for name in adapter.class_names)
+    raise ValueError(f"no TwinFlow adapter for {names[0]}; adapters exist for {known}")
+
+
+def family_of(transformer: nn.Module) -> str:
+    """The family of a transformer, from its class or the nearest known base class."""
+    return _family_of_class_names([klass.__name__ for klass in type(transformer).__mro__])
+
+
+def build_adapter(family: str, transformer: nn.Module, **options: Any) -> TransformerAdapter:
+    """The adapter of a named family (``qwen_image``, ``z_image``, ``sd3``, ``flux``) around
+    ``transformer``; ``options`` go to its constructor (``extra_weights``, ...)."""
+    if family not in ADAPTERS:
+        raise ValueError(f"unknown adapter family {family!r}; choose one of {sorted(ADAPTERS)}")
+    return ADAPTERS[family](transformer, **options)
+
+
+def adapter_for(transformer: nn.Module, **options: Any) -> TransformerAdapter:
+    """:func:`build_adapter` with the family detected from the transformer's class."""
+    return build_adapter(family_of(transformer), transformer, **options)
+
+
+def load_adapter(path: str | Path, **from_pretrained: Any) -> TransformerAdapter:
+    """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
+
+    The transformer comes from its class's ``from_pretrained(folder, **from_pretrained)``
+    (diffusers reports the TwinFlow keys it does not know as unused); the extra weights are
+    then read from the same safetensors files. A folder without them gives a copy-initialised
+    ``emb_2`` and a warning.
+    """
+    import diffusers  # the optional extra: pip install "twinflow[diffusers]"
+
+    folder = Path(path)
+    folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
+    class_name = json.loads((folder / "config.json").read_text())["_class_name"]
+    family = _family_of_class_names([class_name])
+    transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **from_pretrained)
+    extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")
+    return build_adapter(family, transformer, extra_weights=extra or None)
