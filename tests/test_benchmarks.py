@@ -52,7 +52,7 @@ def _results(twinflow_distance: float, twinflow_accuracy: float, one_step_speed:
         "machine": "test", "date": "today", "minutes": 1.0, "command": "python benchmarks/report.py",
         "settings": {"budget_minutes": 0.25, "warm_start_fraction": 0.3, "num": 100, "batch_size": 64, "sampling_batch": 100},
         "classifier_test_accuracy": 0.98,
-        "plans": {m: {"warm_start_steps": 10, "method_steps": 20, "budget_seconds": 15.0} for m in METHODS},
+        "plans": {m: {"warm_start_steps": 10, "method_steps": 20, "budget_seconds": 15.0, "seconds_per_step": 0.5} for m in METHODS},
         "scores": scores,
         "real_data": _row("real", 0, 0.98, 10, 0.9),
         "training_cost": [
@@ -88,3 +88,12 @@ def test_markdown_reports_ratios_and_verdicts():
     assert "31.0 vs 20.0 (1.55x) | **missed** |" in text
     assert "| TwinFlow | `1nfe` | 1 | 0.960 | 31.0 | 0.800 | 0.500 | 100 |" in text
     assert "![plot](plot.png)" in text
+
+
+def test_plot_time_axis_counts_steps_at_the_measured_cost():
+    from render import budgeted_seconds
+
+    results = _results(25.0, 0.96, 450.0)  # warm start 10 steps at 0.4 s, then 0.5 s per own step
+    assert budgeted_seconds(results, WARM_START, 10) == pytest.approx(4.0)
+    assert budgeted_seconds(results, "twinflow", 30) == pytest.approx(4.0 + 20 * 0.5)
+    assert budgeted_seconds(results, "rcgm", 5) == pytest.approx(2.0)
