@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -162,8 +161,8 @@ def training_costs(config_path: str, batch_size: int = 64, steps: int = 4, round
     return costs
 
 
-def _median_seconds(function, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``repeats`` calls (warm up before calling this)."""
+def _fastest_seconds(function, repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` calls (warm up before calling this): other work only adds time."""
     values = []
     for _ in range(repeats):
         _synchronise(device)
@@ -171,30 +170,40 @@ def _median_seconds(function, repeats: int, device: torch.device) -> float:
         function()
         _synchronise(device)
         values.append(time.perf_counter() - start)
-    return statistics.median(values)
+    return min(values)
 
 
 @torch.no_grad()
 def sampling_costs(
     model: torch.nn.Module, specs: tuple[str, ...] = ("1nfe", "multi:steps=50"), batch_size: int = 500,
-    repeats: int = 3, device: torch.device = torch.device("cpu"),
+    repeats: int = 9, device: torch.device = torch.device("cpu"),
 ) -> list[SamplingCost]:
-    """Sampler time against ``NFE`` bare forward passes of ``model`` on the same batch."""
+    """Sampler time against ``NFE`` bare forward passes of ``model`` on the same batch (fastest of rounds)."""
     model = model.eval()
     generator = torch.Generator(device)
     noise = torch.randn(batch_size, *IMAGE_SHAPE, generator=generator.manual_seed(0), device=device)
     labels = torch.arange(batch_size, device=device) % NUM_CLASSES
     time_one = torch.ones(batch_size, device=device)
     model(noise, time_one, time_one * 0.5, labels)  # warm-up
-    forward = _median_seconds(lambda: model(noise, time_one, time_one * 0.5, labels), repeats, device)
     results = []
     for spec in specs:
         config = sampler_from_spec(spec)
         calls = sample(model, noise, labels, config, generator=generator.manual_seed(1)).network_calls  # and warm-up
-        seconds = _median_seconds(  # long runs are timed once: their forward passes already average
-            lambda: sample(model, noise, labels, config, generator=generator.manual_seed(1)), repeats if calls < 10 else 1, device
-        )
-        results.append(SamplingCost(spec, calls, batch_size, seconds, forward * calls))
+
+        def bare() -> None:  # the same number of forward passes, nothing else
+            for _ in range(calls):
+                model(noise, time_one, time_one * 0.5, labels)
+
+        def sampler() -> None:
+            sample(model, noise, labels, config, generator=generator.manual_seed(1))
+
+        # Alternate the two so that drift of the machine's speed hits both alike; long runs twice.
+        rounds = repeats if calls < 10 else 2
+        forward_times, sampler_times = [], []
+        for _ in range(rounds):
+            forward_times.append(_fastest_seconds(bare, 1, device))
+            sampler_times.append(_fastest_seconds(sampler, 1, device))
+        results.append(SamplingCost(spec, calls, batch_size, min(sampler_times), min(forward_times)))
     return results
 
 
