@@ -1,4 +1,4 @@
-"""Training: config loading, the loop, checkpoints and metrics."""
+"""Training: config loading, the loop, checkpoints, metrics, and DDP / FSDP2 runs under torchrun (``distributed``)."""
 
 from twinflow.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from twinflow.train.config import ConfigError, load_config

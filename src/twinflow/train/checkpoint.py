@@ -7,10 +7,15 @@ Layout of one checkpoint folder ``<run>/checkpoints/step_0000500/``:
 * ``optimizer.pt``       the optimizer state (tensors and numbers only: loaded with
   ``torch.load(weights_only=True)``, so a tampered file cannot run code);
 * ``random.safetensors`` the states of the run's random generators;
-* ``state.json``         step, data position, EMA warm-up, model architecture and resolved config.
+* ``state.json``         step, data position, EMA warm-up, model architecture and resolved config;
+* ``sharded/``           only in FSDP runs: the sharded model, EMA and optimizer state written
+  by every process with ``torch.distributed.checkpoint`` (see :mod:`twinflow.train.distributed`).
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a run
-killed mid-write leaves the previous checkpoints intact and never a half-written one.
+killed mid-write leaves the previous checkpoints intact and never a half-written one. A
+distributed run lets every process write into the temporary folder
+(:func:`start_checkpoint`) before one process completes and renames it
+(:func:`finish_checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import Tensor
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
 STATE_FILE = "state.json"
+SHARDED_FOLDER = "sharded"  # torch.distributed.checkpoint files of an FSDP run
 
 
 @dataclass
@@ -36,7 +42,7 @@ class Checkpoint:
     """Everything a checkpoint holds, in memory."""
 
     step: int
-    model: dict[str, Tensor]
+    model: dict[str, Tensor] | None  # None: only sharded weights (an FSDP run without consolidation)
     state: dict[str, Any]  # JSON-serialisable: config, architecture, data position, EMA warm-up
     ema: dict[str, Tensor] | None = None
     optimizer: dict[str, Any] | None = None
@@ -49,13 +55,32 @@ def checkpoint_folder(run_directory: str | Path, step: int) -> Path:
 
 def save_checkpoint(run_directory: str | Path, checkpoint: Checkpoint, keep_last: int) -> Path:
     """Write atomically, then delete all but the newest ``keep_last`` checkpoints."""
-    final = checkpoint_folder(run_directory, checkpoint.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.partial"
+    temporary = start_checkpoint(run_directory, checkpoint.step)
+    return finish_checkpoint(run_directory, temporary, checkpoint, keep_last)
+
+
+def temporary_folder(run_directory: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is renamed into place."""
+    final = checkpoint_folder(run_directory, step)
+    return final.parent / f".{final.name}.partial"
+
+
+def start_checkpoint(run_directory: str | Path, step: int) -> Path:
+    """A fresh, empty temporary folder for the checkpoint of ``step`` (a stale one is removed)."""
+    temporary = temporary_folder(run_directory, step)
+    temporary.parent.mkdir(parents=True, exist_ok=True)
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
-    save_file(_contiguous(checkpoint.model), str(temporary / "model.safetensors"))
+    return temporary
+
+
+def finish_checkpoint(run_directory: str | Path, temporary: Path, checkpoint: Checkpoint, keep_last: int) -> Path:
+    """Write ``checkpoint`` into ``temporary`` (next to what is already there), rename it into
+    place, then delete all but the newest ``keep_last`` checkpoints."""
+    final = checkpoint_folder(run_directory, checkpoint.step)
+    if checkpoint.model is not None:
+        save_file(_contiguous(checkpoint.model), str(temporary / "model.safetensors"))
     if checkpoint.ema is not None:
         save_file(_contiguous(checkpoint.ema), str(temporary / "ema.safetensors"))
     if checkpoint.optimizer is not None:
@@ -114,6 +139,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """
     folder, state = read_state(path)
     device = str(map_location)
+    if not (folder / "model.safetensors").is_file() and (folder / SHARDED_FOLDER).is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {folder} holds only sharded weights (an FSDP run with distributed.consolidate=false); "
+            "write model.safetensors with twinflow.train.distributed.export_consolidated"
+        )
     model = _load_tensors(folder / "model.safetensors", device)
     ema_path = folder / "ema.safetensors"
     ema = _load_tensors(ema_path, device) if ema_path.exists() else None
@@ -145,5 +175,8 @@ def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _fsync_folder(folder: Path) -> None:
     for path in folder.iterdir():
+        if path.is_dir():
+            _fsync_folder(path)
+            continue
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())

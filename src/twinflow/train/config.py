@@ -17,6 +17,7 @@ import yaml
 from twinflow.data import DataConfig
 from twinflow.models import MODELS
 from twinflow.objective import ObjectiveConfig, objective_config
+from twinflow.objective.partition import slice_sizes
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -29,7 +30,9 @@ DEFAULTS: dict[str, Any] = {
     # and may set its own learning_rate (default: training.learning_rate).
     "phases": [{"steps": 1000, "objective": {"preset": "twinflow"}}],
     "training": {
-        "batch_size": 64,  # per micro-step; the optimizer sees batch_size * grad_accumulation
+        # Global batch of one micro-step, split evenly over the processes of a distributed run;
+        # the optimizer sees batch_size * grad_accumulation samples, whatever the process count.
+        "batch_size": 64,
         "grad_accumulation": 1,
         "optimizer": "adamw",  # adam | adamw
         "learning_rate": 3e-4,
@@ -47,7 +50,15 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,
     },
     "sampling": {"presets": ["1nfe", "2nfe", "4nfe"], "per_class": 10, "use_ema": False, "seed": 0},
+    # Several processes: launch with torchrun (see twinflow.train.distributed); one process
+    # ignores the strategy. training.batch_size stays the global batch.
+    "distributed": {
+        "strategy": "none",  # none | ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard)
+        "consolidate": True,  # fsdp: rank 0 also writes full model/ema safetensors in every checkpoint
+    },
 }
+
+STRATEGIES = ("none", "ddp", "fsdp")
 
 _FREE_KEYS = {"model", "objective"}  # validated against the model / objective dataclasses
 
@@ -155,6 +166,31 @@ def validate(config: dict) -> None:
             raise ConfigError(f"training.{key} must be a positive integer, got {training[key]!r}")
     if not 0 <= float(training["ema_decay"]) < 1:
         raise ConfigError(f"training.ema_decay must lie in [0, 1), got {training['ema_decay']}")
+    distributed = config["distributed"]
+    if not isinstance(distributed, dict):
+        raise ConfigError(f"distributed must be a mapping like {{strategy: ddp}}, got {distributed!r}")
+    if distributed["strategy"] not in STRATEGIES:
+        raise ConfigError(f"distributed.strategy must be one of {list(STRATEGIES)}, got {distributed['strategy']!r}")
+    if not isinstance(distributed["consolidate"], bool):
+        raise ConfigError(f"distributed.consolidate must be true or false, got {distributed['consolidate']!r}")
+
+
+def check_world_size(config: dict, world_size: int) -> None:
+    """The global batch must split evenly over the processes (known only at launch), and each
+    process's share must hold every active slice of each phase's objective."""
+    batch_size = config["training"]["batch_size"]
+    if batch_size % world_size:
+        raise ConfigError(
+            f"training.batch_size ({batch_size}) is the global batch and must be divisible by the "
+            f"number of processes ({world_size})"
+        )
+    share = batch_size // world_size
+    for number, phase in enumerate(config["phases"]):
+        try:
+            slice_sizes(share, phase_objective(phase, f"phases.{number}"))
+        except ValueError as error:
+            where = f" over {world_size} processes ({share} each)" if world_size > 1 else ""
+            raise ConfigError(f"training.batch_size ({batch_size}){where} is too small for phases.{number}: {error}") from None
 
 
 def _as_float(value: Any, where: str) -> float:

@@ -9,10 +9,13 @@ from pathlib import Path
 class MetricsLogger:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_directory: str | Path, tensorboard: bool = True):
+    def __init__(self, run_directory: str | Path, tensorboard: bool = True, enabled: bool = True):
         self.path = Path(run_directory) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled  # False: a no-op logger (the processes other than rank 0)
         self.writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -22,6 +25,8 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(Path(run_directory) / "tensorboard"))
 
     def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
         if self.writer is not None:
@@ -31,7 +36,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past ``step`` (a resumed run re-logs the steps it repeats)."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))

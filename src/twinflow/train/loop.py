@@ -2,8 +2,10 @@
 
 Reproducibility: every random draw of the loop comes from two explicit sources, the data
 order (:class:`~twinflow.data.ShuffledBatches`, seeded) and one ``torch.Generator`` for the
-objective's noise and times. Both are saved in every checkpoint, so ``resume`` continues
-exactly where the run stopped: N + N steps give the same weights as 2N uninterrupted steps.
+objective's noise and times (one per process in a distributed run). Both are saved in every
+checkpoint, so ``resume`` continues exactly where the run stopped: N + N steps give the same
+weights as 2N uninterrupted steps. Distributed runs (DDP, FSDP2 under torchrun) go through the
+same loop; :mod:`twinflow.train.distributed` holds what differs.
 """
 
 from __future__ import annotations
@@ -16,18 +18,32 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from twinflow.data import DataConfig, ShuffledBatches, load_dataset
 from twinflow.eval.grid import save_grid
 from twinflow.eval.plots import plot_training_curves
 from twinflow.models import build_model, count_parameters
-from twinflow.objective import TwinFlowObjective
+from twinflow.objective import ObjectiveResult, TwinFlowObjective
 from twinflow.path import get_path
-from twinflow.pipeline import ClassConditionalGenerator, resolve_device
+from twinflow.pipeline import ClassConditionalGenerator
 from twinflow.teacher import EMATeacher
-from twinflow.train.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from twinflow.train.config import model_arguments, phase_at, phase_objective, total_steps
+from twinflow.train.checkpoint import list_checkpoints, load_checkpoint
+from twinflow.train.config import check_world_size, model_arguments, phase_at, phase_objective, total_steps
+from twinflow.train.distributed import (
+    DistributedContext,
+    clip_gradients,
+    gathered_weights,
+    gradient_sync,
+    load_training_checkpoint,
+    objective_seed,
+    save_training_checkpoint,
+    setup_distributed,
+    unwrap,
+    wrap_model,
+    wrap_teacher,
+)
 from twinflow.train.logging import MetricsLogger, read_metrics
 
 
@@ -40,16 +56,30 @@ class TrainResult:
     run_directory: Path
     steps: int
     final_checkpoint: Path
-    grids: dict[str, Path]
+    grids: dict[str, Path]  # empty on every process but rank 0
     parameters: int
+    rank: int = 0  # of this process in a distributed run; rank 0 wrote the logs and grids
 
 
 def train(config: dict, run_directory: str | Path, resume: bool = False) -> TrainResult:
-    """Train from a validated config (see :func:`twinflow.train.config.load_config`)."""
-    run_directory = Path(run_directory)
+    """Train from a validated config (see :func:`twinflow.train.config.load_config`).
+
+    Under ``torchrun`` every process calls this with the same arguments; the processes share
+    the work as :mod:`twinflow.train.distributed` describes (``distributed.strategy``).
+    """
+    context = setup_distributed(config["distributed"]["strategy"], config["device"])
+    try:
+        return _train(config, Path(run_directory), resume, context)
+    finally:
+        context.close()
+
+
+def _train(config: dict, run_directory: Path, resume: bool, context: DistributedContext) -> TrainResult:
     training = config["training"]
-    device = resolve_device(config["device"])
-    torch.manual_seed(config["seed"])  # weight initialisation only
+    device, strategy, precision = context.device, context.strategy, config["precision"]
+    check_world_size(config, context.world_size)
+    say = print if context.is_main else _silent
+    torch.manual_seed(config["seed"])  # weight initialisation only (the same on every process)
 
     # ---- data, model, optimizer, teacher -------------------------------------------------
     dataset = load_dataset(DataConfig(**config["data"]))
@@ -61,46 +91,43 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     model_config = {"image_channels": channels, "image_size": height, "num_classes": dataset.num_classes, **model_config}
     model = build_model(name, **model_config).to(device)
     architecture = {"name": name, "config": model.config.to_dict()}
+    parameters = count_parameters(model)
+    if training["init_from"] and not resume:
+        stored = load_checkpoint(training["init_from"], map_location=device, full=False)
+        model.load_state_dict(stored.model)
+        say(f"initialised the model from {training['init_from']} (step {stored.step})")
+    # The teacher copies the plain model, then follows its sharding; the optimizer comes after
+    # the wrapping because FSDP replaces the parameters by sharded ones.
+    teacher = wrap_teacher(EMATeacher(model, float(training["ema_decay"])), strategy, precision, device)
+    model = wrap_model(model, strategy, precision, device)
     optimizer_class = torch.optim.AdamW if training["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(
         model.parameters(), lr=float(training["learning_rate"]), betas=tuple(training["betas"]),
         weight_decay=float(training["weight_decay"]),
     )
-    teacher = EMATeacher(model, float(training["ema_decay"]))
     path = get_path("linear")
     objectives = [TwinFlowObjective(phase_objective(phase, f"phases.{n}"), path) for n, phase in enumerate(config["phases"])]
+    # Global batches in one seeded order on every process; each takes its slice (local_slice).
     batches = ShuffledBatches(len(dataset), training["batch_size"], seed=config["seed"])
-    generator = torch.Generator().manual_seed(config["seed"] + 1)  # objective noise and times
+    # Objective noise and times: one stream per process (rank 0's is the one-process stream).
+    generator = torch.Generator().manual_seed(objective_seed(config["seed"], context.rank))
     steps = total_steps(config)
 
-    # ---- start: resume, initialise from another run, or fresh ----------------------------
+    # ---- start: resume or fresh -----------------------------------------------------------
     start_step = 0
     elapsed_before = 0.0  # training seconds of earlier runs of this run directory (resume)
-    logger = MetricsLogger(run_directory, tensorboard=training["tensorboard"])
+    logger = MetricsLogger(run_directory, tensorboard=training["tensorboard"], enabled=context.is_main)
     if resume:
-        stored = load_checkpoint(run_directory, map_location=device)
-        model.load_state_dict(stored.model)
-        if teacher.is_copy:
-            if stored.ema is None:
-                raise ValueError(f"checkpoint in {run_directory} has no EMA weights but training.ema_decay > 0")
-            teacher.network.load_state_dict(stored.ema)
-        teacher.load_state_dict(stored.state["teacher"])
-        optimizer.load_state_dict(stored.optimizer)
-        batches.load_state_dict(stored.state["data_order"])
-        generator.set_state(stored.random["objective_generator"])
-        start_step = stored.step
-        elapsed_before = float(stored.state.get("training_seconds", 0.0))
+        start_step, state = load_training_checkpoint(context, run_directory, model, teacher, optimizer, generator)
+        batches.load_state_dict(state["data_order"])
+        elapsed_before = float(state.get("training_seconds", 0.0))
         logger.truncate_after(start_step)
-        print(f"resumed from {list_checkpoints(run_directory)[-1]} at step {start_step}")
-    elif training["init_from"]:
-        stored = load_checkpoint(training["init_from"], map_location=device, full=False)
-        model.load_state_dict(stored.model)
-        if teacher.is_copy:
-            teacher.network.load_state_dict(model.state_dict())
-        print(f"initialised the model from {training['init_from']} (step {stored.step})")
-    run_directory.mkdir(parents=True, exist_ok=True)
-    (run_directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    parameters = count_parameters(model)
+        say(f"resumed from {list_checkpoints(run_directory)[-1]} at step {start_step}")
+    if context.is_main:
+        run_directory.mkdir(parents=True, exist_ok=True)
+        (run_directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if context.enabled:
+        say(f"{strategy}: {context.world_size} processes, {training['batch_size'] // context.world_size} samples each per micro-step")
 
     def training_seconds() -> float:
         """Wall time spent in the loop so far, over all resumes (sampling grids excluded)."""
@@ -116,36 +143,39 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
             "data_order": batches.state_dict(),
             "dataset": {"class_names": dataset.class_names, "image_shape": list(dataset.image_shape)},
         }
-        return save_checkpoint(
-            run_directory,
-            Checkpoint(
-                step=step, model=model.state_dict(), state=state,
-                ema=teacher.network.state_dict() if teacher.is_copy else None,
-                optimizer=optimizer.state_dict(), random={"objective_generator": generator.get_state()},
-            ),
-            keep_last=training["keep_checkpoints"],
+        return save_training_checkpoint(
+            context, run_directory, step, model, teacher, optimizer, generator, state,
+            keep_last=training["keep_checkpoints"], consolidate=config["distributed"]["consolidate"],
         )
 
     def save_grids(step: int, final: bool = False) -> dict[str, Path]:
+        # Rank 0 samples and writes; under FSDP every process joins the (collective) forwards.
+        if not (context.is_main or strategy == "fsdp"):
+            return {}
         sampling = config["sampling"]
-        network = teacher.network if sampling["use_ema"] else model
+        network = teacher.network if sampling["use_ema"] else unwrap(model)
         was_training = network.training
         generator_model = ClassConditionalGenerator(
-            network, dataset.num_classes, dataset.image_shape, dataset.class_names, path, device, config["precision"]
+            network, dataset.num_classes, dataset.image_shape, dataset.class_names, path, device, precision
         )
         grids = {}
-        for preset in sampling["presets"]:
-            samples = generator_model.sample(per_class=sampling["per_class"], preset=preset, seed=sampling["seed"])
-            name = f"samples_{preset}.png" if final else f"samples/step_{step:07d}_{preset}.png"
-            grids[preset] = save_grid(samples.images, run_directory / name, rows=dataset.num_classes)
+        with gathered_weights(network):
+            for preset in sampling["presets"]:
+                samples = generator_model.sample(per_class=sampling["per_class"], preset=preset, seed=sampling["seed"])
+                name = f"samples_{preset}.png" if final else f"samples/step_{step:07d}_{preset}.png"
+                if context.is_main:
+                    grids[preset] = save_grid(samples.images, run_directory / name, rows=dataset.num_classes)
         network.train(was_training)
         return grids
 
     # ---- the loop ------------------------------------------------------------------------
     null_label = dataset.num_classes
+    accumulation = training["grad_accumulation"]
     last_checkpoint: Path | None = list_checkpoints(run_directory)[-1] if resume else None
     model.train()
-    progress = tqdm(total=steps, initial=start_step, disable=not training["progress"], desc="train", unit="step")
+    progress = tqdm(
+        total=steps, initial=start_step, disable=not (training["progress"] and context.is_main), desc="train", unit="step"
+    )
     started, timed_steps, grid_seconds = time.perf_counter(), 0, 0.0
     for step in range(start_step, steps):
         phase = phase_at(config, step)
@@ -155,35 +185,35 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
 
-        # Gradient accumulation: one optimizer step = grad_accumulation micro-batches.
+        # Gradient accumulation: one optimizer step = grad_accumulation micro-batches; the
+        # processes synchronise their gradients on the last one.
         terms: dict[str, float] = {}
-        for _ in range(training["grad_accumulation"]):
-            images, labels = dataset[batches.next_indices()]
+        for micro in range(accumulation):
+            images, labels = dataset[context.local_slice(batches.next_indices())]
             images, labels = images.to(device), labels.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16"):
-                result = objective(
-                    model, images, labels, torch.full_like(labels, null_label),
-                    teacher=teacher.network, generator=generator,
-                )
-            if not torch.isfinite(result.loss):
-                raise TrainingDiverged(_diverged_message("loss", float(result.loss.detach()), step + 1, last_checkpoint))
-            (result.loss / training["grad_accumulation"]).backward()
+            with gradient_sync(model, micro == accumulation - 1):
+                result = objective_loss(objective, model, teacher.network, images, labels, null_label, generator, precision)
+                if not context.all_true(torch.isfinite(result.loss)):
+                    loss = context.mean({"loss": float(result.loss.detach())})["loss"]
+                    raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint))
+                (result.loss / accumulation).backward()
             for key, value in result.terms().items():
-                terms[key] = terms.get(key, 0.0) + value / training["grad_accumulation"]
+                terms[key] = terms.get(key, 0.0) + value / accumulation
 
         clip = float(training["grad_clip"])
-        gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+        gradient_norm = clip_gradients(model, clip if clip > 0 else math.inf)  # the same on every process
         if not torch.isfinite(gradient_norm):
             raise TrainingDiverged(_diverged_message("gradient norm", float(gradient_norm), step + 1, last_checkpoint))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        teacher.update(model)
+        teacher.update(unwrap(model))
         done = step + 1
         timed_steps += 1
 
         # ---- bookkeeping: logs, checkpoints, grids -----------------------------------------
         progress.update(1)
         if done % training["log_every"] == 0 or done == steps:
+            terms = context.mean(terms)  # the loss terms averaged over the processes
             seconds = (time.perf_counter() - started) / timed_steps
             logger.log(done, {
                 **terms, "phase": phase, "learning_rate": learning_rate, "gradient_norm": float(gradient_norm),
@@ -202,11 +232,33 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     final_checkpoint = make_checkpoint(steps) if start_step < steps or last_checkpoint is None else last_checkpoint
     grids = save_grids(steps, final=True)
     logger.close()
-    plot_training_curves(read_metrics(run_directory), run_directory / "training_curves.png")
-    summary = {"steps": steps, "parameters": parameters, "final_checkpoint": str(final_checkpoint),
-               "grids": {k: str(v) for k, v in grids.items()}}
-    (run_directory / "summary.json").write_text(json.dumps(summary, indent=2))
-    return TrainResult(run_directory, steps, final_checkpoint, grids, parameters)
+    if context.is_main:
+        plot_training_curves(read_metrics(run_directory), run_directory / "training_curves.png")
+        summary = {"steps": steps, "parameters": parameters, "final_checkpoint": str(final_checkpoint),
+                   "grids": {k: str(v) for k, v in grids.items()}}
+        (run_directory / "summary.json").write_text(json.dumps(summary, indent=2))
+    context.barrier()  # every process returns once rank 0's files are written
+    return TrainResult(run_directory, steps, final_checkpoint, grids, parameters, context.rank)
+
+
+def objective_loss(
+    objective: TwinFlowObjective,
+    model: nn.Module,
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    null_label: int,
+    generator: torch.Generator,
+    precision: str = "fp32",
+) -> ObjectiveResult:
+    """One micro-batch through the objective, under bf16 autocast when asked.
+
+    FSDP-sharded networks are gathered for the whole objective (every process enters together;
+    the objective's number of calls may then differ between processes): see
+    :func:`twinflow.train.distributed.gathered_weights`.
+    """
+    with gathered_weights(model, teacher), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return objective(model, images, labels, torch.full_like(labels, null_label), teacher=teacher, generator=generator)
 
 
 def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:
@@ -214,6 +266,10 @@ def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:
     if warmup_steps and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     return peak
+
+
+def _silent(*args, **kwargs) -> None:
+    """``print`` of the processes other than rank 0."""
 
 
 def _diverged_message(what: str, value: float, step: int, checkpoint: Path | None) -> str:
