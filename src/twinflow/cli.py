@@ -1,4 +1,4 @@
-"""Command line: ``twinflow train | sample | eval``."""
+"""Command line: ``twinflow train | sample | eval | generate | encode``."""
 
 from __future__ import annotations
 
@@ -52,7 +52,57 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--inception", action="store_true",
                           help="add an Inception FID when torch-fidelity and its weights are present (never downloads)")
     evaluate.add_argument("--out", type=Path, help="write the report as JSON")
+
+    generate = commands.add_parser("generate", help="text-to-image with a TwinFlow diffusers model folder (PNG files)")
+    generate.add_argument("--model", type=Path, required=True, help="a diffusers pipeline folder (Qwen-Image, Z-Image, SD3, Flux)")
+    _add_prompt_arguments(generate)
+    generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
+    generate.add_argument("--preset", default="2nfe", help="sampler preset or spec: 1nfe, 2nfe, 4nfe, any, multi, multi:steps=50")
+    generate.add_argument("--sampler", dest="sampler_overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a sampler field, e.g. --sampler stochastic_ratio=0.5 (repeatable)")
+    generate.add_argument("--size", type=_image_size, default=(1024, 1024), metavar="WIDTHxHEIGHT", help="image size, e.g. 1024x768")
+    generate.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    generate.add_argument("--batch-size", type=int, default=1, help="images per transformer batch")
+    generate.add_argument("--out", type=Path, required=True, help="folder for the PNG files (<index>_<seed>.png)")
+    generate.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale (0: off, as TwinFlow models are meant to be used)")
+    _add_device_arguments(generate)
+    generate.add_argument("--offload", action="store_true", help="model CPU offload: each model moves to the GPU only while it runs (CUDA only)")
+
+    encode = commands.add_parser("encode", help="encode prompts once with the text encoder, for generate --embeddings")
+    encode.add_argument("--model", type=Path, required=True, help="a diffusers pipeline folder with its text encoder")
+    _add_prompt_arguments(encode)
+    encode.add_argument("--out", type=Path, required=True, help="the embeddings file, F.safetensors")
+    encode.add_argument("--batch-size", type=int, default=8, help="prompts per text-encoder batch")
+    _add_device_arguments(encode)
     return parser
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", type=Path, metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    width, separator, height = text.lower().partition("x")
+    if not separator or not width.strip().isdigit() or not height.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT, e.g. 1024x768, got {text!r}")
+    return int(width), int(height)
+
+
+def read_prompts(arguments: argparse.Namespace) -> list[str]:
+    """The --prompt values, then the lines of --prompt-file."""
+    prompts = list(arguments.prompts)
+    if arguments.prompt_file is not None:
+        if not arguments.prompt_file.is_file():
+            raise FileNotFoundError(f"--prompt-file {arguments.prompt_file} does not exist")
+        lines = arguments.prompt_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    return prompts
 
 
 def parse_assignments(items: list[str], flag: str) -> dict:
@@ -79,6 +129,8 @@ def command_train(arguments: argparse.Namespace) -> None:
         overrides.append(f"device={arguments.device}")
     config = load_config(config_path, overrides)
     result = train(config, arguments.out, resume=arguments.resume)
+    if result.rank != 0:  # under torchrun, one process reports
+        return
     print(f"trained {result.steps} steps ({result.parameters:,} parameters); checkpoint: {result.final_checkpoint}")
     for preset, grid in result.grids.items():
         print(f"  {preset} grid: {grid}")
@@ -130,11 +182,48 @@ def command_eval(arguments: argparse.Namespace) -> None:
         print(f"report: {arguments.out}")
 
 
+def command_generate(arguments: argparse.Namespace) -> None:
+    from twinflow.generation import TextToImage, save_images
+
+    prompts = read_prompts(arguments)
+    if not prompts and arguments.embeddings is None:
+        raise ValueError("give --prompt, --prompt-file or --embeddings")
+    pipe = TextToImage.from_pretrained(
+        arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
+        load_text_encoder=arguments.embeddings is None,
+    )
+    width, height = arguments.size
+    result = pipe.generate(
+        prompts or None, embeddings=arguments.embeddings, preset=arguments.preset, width=width, height=height,
+        seed=arguments.seed, batch_size=arguments.batch_size, guidance_scale=arguments.guidance_scale, progress=True,
+        **parse_assignments(arguments.sampler_overrides, "--sampler"),
+    )
+    paths = save_images(result, arguments.out)
+    print(f"wrote {len(paths)} image(s) of {width}x{height} to {arguments.out} "
+          f"({result.seconds_per_image:.2f} s per image, {result.network_calls} network call(s) each)")
+
+
+def command_encode(arguments: argparse.Namespace) -> None:
+    from twinflow.generation import PromptEncoder, save_embeddings
+
+    prompts = read_prompts(arguments)
+    if not prompts:
+        raise ValueError("give --prompt or --prompt-file")
+    encoder = PromptEncoder.from_pretrained(arguments.model, device=arguments.device, dtype=arguments.dtype)
+    conditions = encoder.encode(prompts, batch_size=arguments.batch_size)
+    null = encoder.encode([""])  # the unconditional input, should the file be used with guidance
+    path = save_embeddings(arguments.out, conditions, prompts, null_condition=null, family=encoder.family.name)
+    print(f"encoded {len(prompts)} prompt(s) for {encoder.family.name}: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     from twinflow.train.loop import TrainingDiverged
 
-    handlers = {"train": command_train, "sample": command_sample, "eval": command_eval}
+    handlers = {
+        "train": command_train, "sample": command_sample, "eval": command_eval,
+        "generate": command_generate, "encode": command_encode,
+    }
     try:
         handlers[arguments.command](arguments)
     except (ValueError, FileNotFoundError, ImportError, TrainingDiverged) as error:

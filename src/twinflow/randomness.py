@@ -11,8 +11,20 @@ import torch
 from torch import Tensor
 
 
-def randn_like(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise with ``like``'s shape, dtype and device."""
+Generators = torch.Generator | list[torch.Generator] | None
+"""One generator, one per sample (row ``i`` drawn from generator ``i``), or ``None`` (global RNG)."""
+
+
+def randn_like(like: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise with ``like``'s shape, dtype and device.
+
+    With a list of generators, one per row of ``like``, each row comes from its own stream, so a
+    sample's noise does not depend on the batch it is in.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        return torch.cat([randn_like(like[index : index + 1], item) for index, item in enumerate(generator)])
     device = generator.device if generator is not None else like.device
     # Half-precision tensors get float32 noise, rounded after: the stream stays the same.
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from twinflow.conditions import check_batch, concatenate
 from twinflow.path import Endpoints, LinearPath, Path
-from twinflow.randomness import randn_like
+from twinflow.randomness import Generators, randn_like
 
 __all__ = [
     "SAMPLER_PRESETS",
@@ -317,7 +317,7 @@ def renoise(
     t_next: float,
     config: SamplerConfig,
     path: Path,
-    generator: torch.Generator | None,
+    generator: Generators,
     like: Tensor,
 ) -> Tensor:
     """The end of one sampler step: from this step's endpoints to ``x`` at ``t_next``.
@@ -392,7 +392,7 @@ def sample(
     *,
     null_cond: object = None,
     path: Path | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     return_trajectory: bool = False,
 ) -> SampleResult:
     """Generate a batch from ``noise`` with the unified sampler. Stateless, under ``no_grad``.
@@ -410,7 +410,8 @@ def sample(
         generator: random source for the fresh noise of stochastic steps (on any device: the
             noise is drawn there and moved to the sample's device). ``None`` uses torch's
             global RNG. Deterministic steps (rho = 0) and the final step draw nothing; a
-            stochastic step draws one noise-shaped tensor.
+            stochastic step draws one noise-shaped tensor. A list of B generators draws row ``i``
+            from generator ``i`` (a sample then does not depend on its batch).
         return_trajectory: keep ``x`` at every grid time in the result.
 
     The sampler state is kept in at least float32 (float64 stays float64); the model sees
@@ -440,6 +441,8 @@ def sample(
         raise ValueError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
     batch = noise.shape[0]
     check_batch(cond, batch, "cond")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"generator is a list of {len(generator)} generators for a batch of {batch}")
     if config.guidance_scale != 0.0:
         if null_cond is None:
             raise ValueError(

@@ -1,0 +1,166 @@
+"""Loading a diffusers pipeline folder for TwinFlow generation: checks, device, dtype.
+
+A folder is what ``DiffusionPipeline.save_pretrained`` writes (a released TwinFlow checkpoint
+is one): ``model_index.json`` naming the pipeline class and its parts, one subfolder per part.
+The transformer is loaded through :func:`twinflow.adapters.load_adapter` (which also finds the
+extra TwinFlow weights in ``transformer/``); the other parts by the pipeline class itself,
+``local_files_only``, safetensors only. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from twinflow.generation.families import PIPELINE_FAMILIES, Family
+from twinflow.pipeline import resolve_device
+
+__all__ = ["LoadedPipeline", "check_folder", "folder_family", "load_pipeline", "resolve_dtype"]
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+MODEL_PARTS = ("transformer", "vae")  # always needed to generate
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` or ``"auto"``: bfloat16 on CUDA, float32 elsewhere; else a name or a dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _model_index(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no model folder at {folder}")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
+    return json.loads(index.read_text())
+
+
+def folder_family(folder: str | Path) -> Family:
+    """The family of a pipeline folder, from the pipeline class in its ``model_index.json``."""
+    folder = Path(folder)
+    class_name = _model_index(folder).get("_class_name")
+    if class_name not in PIPELINE_FAMILIES:
+        raise ValueError(
+            f"unknown family: {folder / 'model_index.json'} names the pipeline {class_name!r}; TwinFlow "
+            f"generation supports {sorted(PIPELINE_FAMILIES)}"
+        )
+    return PIPELINE_FAMILIES[class_name]
+
+
+def _listed(index: dict[str, Any], part: str) -> bool:
+    """Whether ``model_index.json`` lists a part (``[null, null]`` means the folder has none)."""
+    entry = index.get(part)
+    return isinstance(entry, list) and entry[0] is not None
+
+
+def check_folder(folder: str | Path, parts: tuple[str, ...]) -> None:
+    """Raise ``FileNotFoundError`` naming the first missing part (subfolder or file) of ``parts``."""
+    folder = Path(folder)
+    index = _model_index(folder)
+    for part in parts:
+        if not _listed(index, part):
+            raise FileNotFoundError(f"{folder / 'model_index.json'} lists no {part!r} (it is missing or null)")
+        subfolder = folder / part
+        if not subfolder.is_dir():
+            raise FileNotFoundError(f"{folder} has no {part}/ subfolder, which model_index.json lists")
+        if part.startswith("tokenizer"):
+            continue  # tokenizer files differ by kind; the tokenizer's own loader names what is missing
+        if not (subfolder / "config.json").is_file():
+            raise FileNotFoundError(f"{subfolder} has no config.json")
+        if not any(subfolder.glob("*.safetensors")):
+            others = sorted(p.name for p in subfolder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+            extra = f" (found {others}: only safetensors weights are read)" if others else ""
+            raise FileNotFoundError(f"{subfolder} has no .safetensors weights{extra}")
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline folder loaded for generation or for encoding only."""
+
+    pipeline: Any  # the diffusers pipeline (transformer and/or text encoder may be None)
+    family: Family
+    folder: Path
+    device: torch.device  # where the work runs (the GPU under offloading)
+    dtype: torch.dtype
+    can_encode: bool  # a text encoder is loaded
+
+
+def _text_parts(folder: Path, family: Family, load_text_encoder: bool) -> tuple[dict[str, None], bool]:
+    """Which text parts to skip (passed as ``None`` to ``from_pretrained``) and whether the rest can encode."""
+    index = _model_index(folder)
+    if load_text_encoder and all(_listed(index, part) for part in family.required_text_components):
+        check_folder(folder, tuple(part for part in family.text_components if _listed(index, part)))
+        return {part: None for part in family.text_components if not _listed(index, part)}, True
+    return {part: None for part in family.text_components}, False
+
+
+def load_pipeline(
+    folder: str | Path,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    offload: bool = False,
+    load_text_encoder: bool = True,
+    load_transformer: bool = True,
+    transformer: Any = None,
+) -> LoadedPipeline:
+    """Load a pipeline folder's parts with ``local_files_only`` (see the module notes).
+
+    ``load_transformer=False`` loads neither transformer weights nor VAE (prompt encoding only;
+    the transformer is built on the meta device from its config, which some pipelines read).
+    ``transformer`` is an already loaded (adapted) transformer to use.
+    A folder whose ``model_index.json`` lists no text encoder loads without one.
+    """
+    import diffusers
+
+    folder = Path(folder)
+    family = folder_family(folder)
+    check_folder(folder, MODEL_PARTS if load_transformer else ("transformer",))
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if offload and device.type != "cuda":
+        raise ValueError(
+            f"offload moves each model between CPU and GPU memory as it is needed; it needs a CUDA "
+            f"device, got {device}"
+        )
+    skipped, can_encode = _text_parts(folder, family, load_text_encoder)
+    parts: dict[str, Any] = dict(skipped)
+    if not load_transformer:
+        from accelerate import init_empty_weights
+
+        config_file = folder / "transformer" / "config.json"
+        model_class = getattr(diffusers, json.loads(config_file.read_text())["_class_name"])
+        with init_empty_weights():  # no memory: only its config is read
+            parts["transformer"] = model_class.from_config(model_class.load_config(str(folder / "transformer")))
+        parts["vae"] = None
+    elif transformer is not None:
+        parts["transformer"] = transformer
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline = pipeline_class.from_pretrained(
+        str(folder), dtype=dtype, local_files_only=True, use_safetensors=True, **parts
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    if offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    elif load_transformer:
+        pipeline.to(device)
+    else:
+        for part in family.text_components:
+            model = getattr(pipeline, part, None)
+            if isinstance(model, torch.nn.Module):
+                model.to(device)
+    return LoadedPipeline(pipeline, family, folder, device, dtype, can_encode)
