@@ -13,6 +13,8 @@ import shutil
 import warnings
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -312,3 +314,29 @@ def test_speed_benchmark_runs_on_tiny_models(capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "tiny random configurations on the CPU" in table
     assert "| z_image | 1 | `1nfe` |" in table and "| z_image | 2 | `2nfe` |" in table
+
+
+def test_hub_ids_are_fetched_safetensors_only_and_paths_never(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from twinflow.generation.loading import HUB_FILES, resolve_model_folder
+
+    calls = []
+
+    def fake_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert resolve_model_folder(tmp_path) == tmp_path and not calls  # an existing folder stays local
+    assert resolve_model_folder("missing/../folder") == Path("missing/../folder") and not calls
+    assert resolve_model_folder("inclusionAI/TwinFlow-Z-Image-Turbo") == tmp_path
+    assert calls == [("inclusionAI/TwinFlow-Z-Image-Turbo", HUB_FILES)]
+    assert not any(pattern.endswith((".bin", ".pt", ".py", ".pth", ".ckpt")) for pattern in HUB_FILES)
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no internet")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a downloadable hub model"):
+        resolve_model_folder("owner/model")

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="write the report as JSON")
 
     generate = commands.add_parser("generate", help="text-to-image with a TwinFlow diffusers model folder (PNG files)")
-    generate.add_argument("--model", type=Path, required=True, help="a diffusers pipeline folder (Qwen-Image, Z-Image, SD3, Flux)")
+    generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Z-Image, SD3, Flux), or a hub id (owner/name) fetched once when online")
     _add_prompt_arguments(generate)
     generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
     generate.add_argument("--preset", default="2nfe", help="sampler preset or spec: 1nfe, 2nfe, 4nfe, any, multi, multi:steps=50")
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--offload", action="store_true", help="model CPU offload: each model moves to the GPU only while it runs (CUDA only)")
 
     encode = commands.add_parser("encode", help="encode prompts once with the text encoder, for generate --embeddings")
-    encode.add_argument("--model", type=Path, required=True, help="a diffusers pipeline folder with its text encoder")
+    encode.add_argument("--model", required=True, help="a diffusers pipeline folder with its text encoder, or a hub id")
     _add_prompt_arguments(encode)
     encode.add_argument("--out", type=Path, required=True, help="the embeddings file, F.safetensors")
     encode.add_argument("--batch-size", type=int, default=8, help="prompts per text-encoder batch")

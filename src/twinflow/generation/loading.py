@@ -4,12 +4,15 @@ A folder is what ``DiffusionPipeline.save_pretrained`` writes (a released TwinFl
 is one): ``model_index.json`` naming the pipeline class and its parts, one subfolder per part.
 The transformer is loaded through :func:`twinflow.adapters.load_adapter` (which also finds the
 extra TwinFlow weights in ``transformer/``); the other parts by the pipeline class itself,
-``local_files_only``, safetensors only. Nothing is ever downloaded.
+``local_files_only``, safetensors only. A hub id (``owner/name``, not an existing path) is
+fetched once by :func:`resolve_model_folder` into the Hugging Face cache — configs, tokenizer
+files and safetensors weights only, never code or pickles — and then read like a folder.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,31 @@ import torch
 from twinflow.generation.families import PIPELINE_FAMILIES, Family
 from twinflow.pipeline import resolve_device
 
-__all__ = ["LoadedPipeline", "check_folder", "folder_family", "load_pipeline", "resolve_dtype"]
+__all__ = ["LoadedPipeline", "check_folder", "folder_family", "load_pipeline", "resolve_dtype", "resolve_model_folder"]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "merges.txt", "vocab*"]
+"""What is fetched from the hub: configs, tokenizers and safetensors weights (no ``.bin``/``.pt``, no ``.py``)."""
+
+
+def resolve_model_folder(model: str | Path) -> Path:
+    """A local folder for ``model``: an existing path as is, else a hub id downloaded once.
+
+    Only an argument that is not an existing path and looks like ``owner/name`` goes to the
+    hub (``huggingface_hub.snapshot_download``, files in :data:`HUB_FILES`); tests and CI
+    always pass folders.
+    """
+    path = Path(model)
+    if path.exists() or not HUB_ID.match(str(model)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, unknown repository, gated model: say which
+        raise FileNotFoundError(
+            f"{model!r} is neither a local folder nor a downloadable hub model ({type(error).__name__}: {error})"
+        ) from error
 
 DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -127,7 +154,7 @@ def load_pipeline(
     """
     import diffusers
 
-    folder = Path(folder)
+    folder = resolve_model_folder(folder)
     family = folder_family(folder)
     check_folder(folder, MODEL_PARTS if load_transformer else ("transformer",))
     device = resolve_device(device)
