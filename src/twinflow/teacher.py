@@ -53,3 +53,58 @@ class EMATeacher:
         if float(state["decay"]) != self.decay:
             raise ValueError(f"checkpoint EMA decay {state['decay']} differs from the configured {self.decay}")
         self.working_decay = float(state["working_decay"])
+
+
+class AdapterView(nn.Module):
+    """The model with one of its LoRA adapters active for the duration of each call."""
+
+    def __init__(self, model: nn.Module, adapter: str):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs):
+        from twinflow.train.lora import active_adapter
+
+        with active_adapter(self.model, self.adapter):
+            return self.model(*args, **kwargs)
+
+
+class AdapterEMATeacher(EMATeacher):
+    """The EMA teacher of a LoRA model: the second PEFT adapter ``ema`` (made by
+    :func:`twinflow.train.lora.apply_lora`) holds the EMA of the trained adapter ``default``.
+
+    Same warm-up and interface as :class:`EMATeacher`; the teacher calls switch the active
+    adapter, so the frozen base weights are shared. The EMA weights live in the model's own state
+    dict (``...lora_A.ema.weight``), so checkpoints need no separate EMA file (``is_copy`` is false).
+    A fully trained ``emb_2`` (``train_second_embedding``) is shared with the model, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        from twinflow.train.lora import EMA, adapter_pairs
+
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.working_decay = 0.0
+        self.pairs = adapter_pairs(model)
+        if decay > 0 and not self.pairs:
+            raise ValueError("the model has no 'ema' LoRA adapter; build it with apply_lora(model, options, ema=True)")
+        self.network = AdapterView(model, EMA) if decay > 0 else model
+
+    @property
+    def is_copy(self) -> bool:
+        return False  # the EMA adapter is saved with the model's weights
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for teacher_parameter, parameter in self.pairs:
+            teacher_parameter.lerp_(parameter.detach(), 1.0 - self.working_decay)
+        self.working_decay += (1.0 - self.working_decay) * (self.decay - self.working_decay) * 0.5
+
+
+def teacher_for(model: nn.Module, decay: float) -> EMATeacher:
+    """The EMA teacher that suits ``model``: a LoRA adapter for a LoRA model, else a copy (or the model)."""
+    if getattr(model, "lora", None) is not None:
+        return AdapterEMATeacher(model, decay)
+    return EMATeacher(model, decay)

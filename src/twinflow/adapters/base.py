@@ -167,6 +167,10 @@ class TransformerAdapter(nn.Module):
             state dict, see :func:`twinflow.adapters.load_extra_weights`); ``None`` starts
             ``emb_2`` as a copy of ``emb``.
         time_convention: overrides the family's :attr:`default_time_convention`.
+        single_time_embedding: the LoRA variant of the reference (spec section 4): no ``emb_2``;
+            the model's one embedding receives ``t - r/2`` (TwinFlow time, then the family's
+            convention) instead. The state dict then has only the original keys, so the
+            adapter has no extra weights; it is no longer the original model at ``r = t``.
     """
 
     family: ClassVar[str]
@@ -182,11 +186,18 @@ class TransformerAdapter(nn.Module):
         extra_weights: Any = None,
         *,
         time_convention: TimeConvention | None = None,
+        single_time_embedding: bool = False,
     ):
         super().__init__()
         self.check_transformer(transformer)
         self.transformer = transformer
         self.time_convention = time_convention or self.default_time_convention
+        self.single_time_embedding = single_time_embedding
+        if single_time_embedding:
+            if extra_weights is not None:
+                raise ValueError(f"{self.family}: an adapter with single_time_embedding has no extra weights to load")
+            self.time_embedding = None
+            return
         self.time_embedding = install_target_time_embedding(
             transformer, self.embedding_name, self.time_convention, self.family, notice=extra_weights is None
         )
@@ -211,6 +222,8 @@ class TransformerAdapter(nn.Module):
     @property
     def second_embedding(self) -> nn.Module:
         """``emb_2``, the module that embeds the target time."""
+        if self.single_time_embedding:
+            raise ValueError(f"this {self.family} adapter uses a single time embedding (t - r/2): it has no emb_2")
         return self.transformer.get_submodule(self.second_embedding_name)
 
     def forward(self, x: Tensor, time: Tensor, target_time: Tensor, condition: Any = None) -> Tensor:
@@ -223,12 +236,16 @@ class TransformerAdapter(nn.Module):
             raise ValueError(f"{self.family} adapter expects latents (B, C, H, W), got shape {tuple(x.shape)}")
         time = _batch_time(time, x, "time")
         target_time = _batch_time(target_time, x, "target_time")
+        if self.single_time_embedding:
+            output = self.run_transformer(x, self.time_convention.model_time(time - target_time / 2), condition)
+            return -output if self.time_convention.reversed else output
         with self.time_embedding.target(time, target_time):
             output = self.run_transformer(x, self.time_convention.model_time(time), condition)
         return -output if self.time_convention.reversed else output
 
     def extra_repr(self) -> str:
-        return f"family={self.family!r}, time_convention={self.time_convention}"
+        single = ", single_time_embedding=True" if self.single_time_embedding else ""
+        return f"family={self.family!r}, time_convention={self.time_convention}{single}"
 
     def run_transformer(self, x: Tensor, timestep: Tensor, condition: Any) -> Tensor:
         """Call the transformer at its own ``timestep`` and return its output shaped like ``x``."""

@@ -49,13 +49,14 @@ def adapter_for(transformer: nn.Module, **options: Any) -> TransformerAdapter:
     return build_adapter(family_of(transformer), transformer, **options)
 
 
-def load_adapter(path: str | Path, **from_pretrained: Any) -> TransformerAdapter:
+def load_adapter(path: str | Path, *, single_time_embedding: bool = False, **from_pretrained: Any) -> TransformerAdapter:
     """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
 
     The transformer comes from its class's ``from_pretrained(folder, **from_pretrained)``
     (diffusers reports the TwinFlow keys it does not know as unused); the extra weights are
     then read from the same safetensors files. A folder without them gives a copy-initialised
-    ``emb_2`` and a warning.
+    ``emb_2`` and a warning. ``single_time_embedding`` builds the LoRA variant without ``emb_2``
+    (see :class:`~twinflow.adapters.TransformerAdapter`); no extra weights are read then.
     """
     import diffusers  # the optional extra: pip install "twinflow[diffusers]"
 
@@ -64,5 +65,7 @@ def load_adapter(path: str | Path, **from_pretrained: Any) -> TransformerAdapter
     class_name = json.loads((folder / "config.json").read_text())["_class_name"]
     family = _family_of_class_names([class_name])
     transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **from_pretrained)
+    if single_time_embedding:
+        return build_adapter(family, transformer, single_time_embedding=True)
     extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")
     return build_adapter(family, transformer, extra_weights=extra or None)

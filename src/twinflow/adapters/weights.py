@@ -25,7 +25,10 @@ SUFFIX = ".safetensors"
 
 
 def extra_state_dict(adapter: TransformerAdapter) -> dict[str, Tensor]:
-    """``emb_2``'s tensors under their released names, e.g. ``time_text_embed_2.timestep_embedder...``."""
+    """``emb_2``'s tensors under their released names, e.g. ``time_text_embed_2.timestep_embedder...``
+    (none for an adapter with a single time embedding)."""
+    if adapter.single_time_embedding:
+        return {}
     prefix = adapter.second_embedding_name
     return {f"{prefix}.{key}": value for key, value in adapter.second_embedding.state_dict().items()}
 

@@ -55,12 +55,15 @@ class ZImageAdapter(TransformerAdapter):
     condition_keys = ("prompt_embeds",)
     optional_condition_keys = ("prompt_embeds_mask",)
 
-    def __init__(self, transformer: nn.Module, extra_weights: Any = None, *, absolute_time: bool = False):
+    def __init__(
+        self, transformer: nn.Module, extra_weights: Any = None, *, absolute_time: bool = False,
+        single_time_embedding: bool = False,
+    ):
         self.check_transformer(transformer)
         convention = replace(
             Z_IMAGE_TIME, embedding_scale=float(transformer.config.t_scale), absolute_time=absolute_time
         )
-        super().__init__(transformer, extra_weights, time_convention=convention)
+        super().__init__(transformer, extra_weights, time_convention=convention, single_time_embedding=single_time_embedding)
 
     def run_transformer(self, x: Tensor, timestep: Tensor, condition: Any) -> Tensor:
         parts = self.condition_parts(condition)

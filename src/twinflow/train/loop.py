@@ -6,6 +6,12 @@ objective's noise and times (one per process in a distributed run). Both are sav
 checkpoint, so ``resume`` continues exactly where the run stopped: N + N steps give the same
 weights as 2N uninterrupted steps. Distributed runs (DDP, FSDP2 under torchrun) go through the
 same loop; :mod:`twinflow.train.distributed` holds what differs.
+
+What is trained on what data is not the loop's business either: :mod:`twinflow.train.data`
+gives ``(data, condition, null condition)`` batches (labelled images or a latent cache of
+text-to-image embeddings), :mod:`twinflow.train.backbone` builds the network (a U-Net, or a
+diffusers transformer behind its TwinFlow adapter, optionally with LoRA), and
+:func:`twinflow.teacher.teacher_for` picks the EMA teacher (a copy, or a LoRA adapter).
 """
 
 from __future__ import annotations
@@ -21,16 +27,19 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from twinflow.data import DataConfig, ShuffledBatches, load_dataset
+from twinflow.conditions import Condition
+from twinflow.data import ShuffledBatches
 from twinflow.eval.grid import save_grid
 from twinflow.eval.plots import plot_training_curves
-from twinflow.models import build_model, count_parameters
+from twinflow.models import count_parameters
 from twinflow.objective import ObjectiveResult, TwinFlowObjective
 from twinflow.path import get_path
 from twinflow.pipeline import ClassConditionalGenerator
-from twinflow.teacher import EMATeacher
+from twinflow.teacher import teacher_for
 from twinflow.train.checkpoint import list_checkpoints, load_checkpoint
-from twinflow.train.config import check_world_size, model_arguments, phase_at, phase_objective, total_steps
+from twinflow.train.backbone import build_backbone
+from twinflow.train.config import check_world_size, phase_at, phase_objective, total_steps
+from twinflow.train.data import load_training_data
 from twinflow.train.distributed import (
     DistributedContext,
     clip_gradients,
@@ -44,6 +53,7 @@ from twinflow.train.distributed import (
     wrap_model,
     wrap_teacher,
 )
+from twinflow.train.lora import load_model_weights
 from twinflow.train.logging import MetricsLogger, read_metrics
 
 
@@ -82,33 +92,27 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
     torch.manual_seed(config["seed"])  # weight initialisation only (the same on every process)
 
     # ---- data, model, optimizer, teacher -------------------------------------------------
-    dataset = load_dataset(DataConfig(**config["data"]))
-    name, model_config = model_arguments(config)
-    channels, height, width = dataset.image_shape
-    if height != width:
-        raise ValueError(f"the backbone needs square images, the data set has {height}x{width}")
-    # The data decides the image geometry and the class count unless the config fixes them.
-    model_config = {"image_channels": channels, "image_size": height, "num_classes": dataset.num_classes, **model_config}
-    model = build_model(name, **model_config).to(device)
-    architecture = {"name": name, "config": model.config.to_dict()}
+    data = load_training_data(config["data"])
+    model, architecture = build_backbone(config, data)
+    model = model.to(device)
     parameters = count_parameters(model)
     if training["init_from"] and not resume:
         stored = load_checkpoint(training["init_from"], map_location=device, full=False)
-        model.load_state_dict(stored.model)
+        load_model_weights(model, stored.model)
         say(f"initialised the model from {training['init_from']} (step {stored.step})")
     # The teacher copies the plain model, then follows its sharding; the optimizer comes after
     # the wrapping because FSDP replaces the parameters by sharded ones.
-    teacher = wrap_teacher(EMATeacher(model, float(training["ema_decay"])), strategy, precision, device)
+    teacher = wrap_teacher(teacher_for(model, float(training["ema_decay"])), strategy, precision, device)
     model = wrap_model(model, strategy, precision, device)
     optimizer_class = torch.optim.AdamW if training["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(
-        model.parameters(), lr=float(training["learning_rate"]), betas=tuple(training["betas"]),
-        weight_decay=float(training["weight_decay"]),
+        [parameter for parameter in model.parameters() if parameter.requires_grad],  # LoRA: the adapter only
+        lr=float(training["learning_rate"]), betas=tuple(training["betas"]), weight_decay=float(training["weight_decay"]),
     )
     path = get_path("linear")
     objectives = [TwinFlowObjective(phase_objective(phase, f"phases.{n}"), path) for n, phase in enumerate(config["phases"])]
     # Global batches in one seeded order on every process; each takes its slice (local_slice).
-    batches = ShuffledBatches(len(dataset), training["batch_size"], seed=config["seed"])
+    batches = ShuffledBatches(len(data), training["batch_size"], seed=config["seed"])
     # Objective noise and times: one stream per process (rank 0's is the one-process stream).
     generator = torch.Generator().manual_seed(objective_seed(config["seed"], context.rank))
     steps = total_steps(config)
@@ -141,7 +145,7 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
             "path": "linear",
             "teacher": teacher.state_dict(),
             "data_order": batches.state_dict(),
-            "dataset": {"class_names": dataset.class_names, "image_shape": list(dataset.image_shape)},
+            "dataset": data.description(),
         }
         return save_training_checkpoint(
             context, run_directory, step, model, teacher, optimizer, generator, state,
@@ -150,13 +154,14 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
 
     def save_grids(step: int, final: bool = False) -> dict[str, Path]:
         # Rank 0 samples and writes; under FSDP every process joins the (collective) forwards.
-        if not (context.is_main or strategy == "fsdp"):
+        # Grids are class grids: text-to-image runs are sampled with `twinflow generate` instead.
+        if not data.class_conditional or not (context.is_main or strategy == "fsdp"):
             return {}
         sampling = config["sampling"]
         network = teacher.network if sampling["use_ema"] else unwrap(model)
         was_training = network.training
         generator_model = ClassConditionalGenerator(
-            network, dataset.num_classes, dataset.image_shape, dataset.class_names, path, device, precision
+            network, data.num_classes, data.image_shape, data.class_names, path, device, precision
         )
         grids = {}
         with gathered_weights(network):
@@ -164,12 +169,11 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
                 samples = generator_model.sample(per_class=sampling["per_class"], preset=preset, seed=sampling["seed"])
                 name = f"samples_{preset}.png" if final else f"samples/step_{step:07d}_{preset}.png"
                 if context.is_main:
-                    grids[preset] = save_grid(samples.images, run_directory / name, rows=dataset.num_classes)
+                    grids[preset] = save_grid(samples.images, run_directory / name, rows=data.num_classes)
         network.train(was_training)
         return grids
 
     # ---- the loop ------------------------------------------------------------------------
-    null_label = dataset.num_classes
     accumulation = training["grad_accumulation"]
     last_checkpoint: Path | None = list_checkpoints(run_directory)[-1] if resume else None
     model.train()
@@ -189,10 +193,11 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
         # processes synchronise their gradients on the last one.
         terms: dict[str, float] = {}
         for micro in range(accumulation):
-            images, labels = dataset[context.local_slice(batches.next_indices())]
-            images, labels = images.to(device), labels.to(device)
+            images, condition, null_condition = data.batch(context.local_slice(batches.next_indices()), device)
             with gradient_sync(model, micro == accumulation - 1):
-                result = objective_loss(objective, model, teacher.network, images, labels, null_label, generator, precision)
+                result = objective_loss(
+                    objective, model, teacher.network, images, condition, null_condition, generator, precision
+                )
                 if not context.all_true(torch.isfinite(result.loss)):
                     loss = context.mean({"loss": float(result.loss.detach())})["loss"]
                     raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint))
@@ -246,19 +251,23 @@ def objective_loss(
     model: nn.Module,
     teacher: nn.Module,
     images: Tensor,
-    labels: Tensor,
-    null_label: int,
+    condition: Condition,
+    null_condition: Condition | int,
     generator: torch.Generator,
     precision: str = "fp32",
 ) -> ObjectiveResult:
     """One micro-batch through the objective, under bf16 autocast when asked.
+
+    ``null_condition`` is the batch's null condition, or an int: the null class of class labels.
 
     FSDP-sharded networks are gathered for the whole objective (every process enters together;
     the objective's number of calls may then differ between processes): see
     :func:`twinflow.train.distributed.gathered_weights`.
     """
     with gathered_weights(model, teacher), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return objective(model, images, labels, torch.full_like(labels, null_label), teacher=teacher, generator=generator)
+        if isinstance(null_condition, int):
+            null_condition = torch.full_like(condition, null_condition)
+        return objective(model, images, condition, null_condition, teacher=teacher, generator=generator)
 
 
 def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:

@@ -1,0 +1,52 @@
+"""A pretrained diffusers transformer as a registered backbone (``model.name: diffusers``).
+
+The model is the family's TwinFlow adapter (:mod:`twinflow.adapters`) around the transformer
+read from ``path`` with :func:`~twinflow.adapters.load_adapter`: a diffusers transformer folder
+or a pipeline folder with ``transformer/``. A folder that already holds the TwinFlow extra
+weights (a TwinFlow checkpoint, or one written by :func:`twinflow.train.export.export_diffusers`)
+starts from them; otherwise the second time embedding is a copy of the first (spec section 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+
+@dataclass
+class DiffusersConfig:
+    """Where the transformer comes from.
+
+    Attributes:
+        path: a diffusers transformer folder, or a pipeline folder with ``transformer/``.
+        family: ``auto`` (from the transformer's class) or one of ``qwen_image``, ``z_image``,
+            ``sd3``, ``flux``; a named family must match the folder's class.
+        single_time_embedding: the reference's LoRA variant (spec section 4): no second time
+            embedding, the model's own one receives ``t - r/2``.
+    """
+
+    path: str | None = None
+    family: str = "auto"
+    single_time_embedding: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_diffusers(config: DiffusersConfig) -> nn.Module:
+    """The adapter of the transformer at ``config.path``, in training mode."""
+    from twinflow.adapters import ADAPTERS, load_adapter
+
+    if not config.path:
+        raise ValueError("model.path is required for model.name=diffusers (a diffusers transformer folder)")
+    if config.family != "auto" and config.family not in ADAPTERS:
+        raise ValueError(f"model.family must be 'auto' or one of {sorted(ADAPTERS)}, got {config.family!r}")
+    if not isinstance(config.single_time_embedding, bool):
+        raise ValueError(f"model.single_time_embedding must be true or false, got {config.single_time_embedding!r}")
+    adapter = load_adapter(config.path, single_time_embedding=config.single_time_embedding)
+    if config.family != "auto" and adapter.family != config.family:
+        raise ValueError(f"model.family is {config.family!r} but {config.path} holds a {adapter.family} transformer")
+    # diffusers' from_pretrained returns fp32 weights in eval mode; the loop switches to train().
+    adapter.config = config
+    return adapter

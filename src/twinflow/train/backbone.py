@@ -1,0 +1,66 @@
+"""The network a config trains: the registered backbone, fitted to the data, plus training options.
+
+One builder per ``model.name`` (:data:`BUILDERS`): the U-Net takes its image geometry and class
+count from the data unless the config fixes them; a diffusers transformer comes from its folder
+(:mod:`twinflow.models.diffusers`). ``training.gradient_checkpointing`` then switches on
+diffusers' activation checkpointing and ``training.lora`` injects the LoRA adapters
+(:mod:`twinflow.train.lora`). Returns the model and the ``architecture`` record that
+every checkpoint stores (enough to rebuild the network for sampling or export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from twinflow.models import build_model
+from twinflow.train.config import model_arguments
+from twinflow.train.data import TrainingData
+from twinflow.train.lora import apply_lora
+
+
+def _unet(name: str, arguments: dict, data: TrainingData) -> tuple[nn.Module, dict]:
+    channels, height, width = data.image_shape
+    if height != width:
+        raise ValueError(f"the backbone needs square images, the data set has {height}x{width}")
+    # The data decides the image geometry and the class count unless the config fixes them.
+    arguments = {"image_channels": channels, "image_size": height, "num_classes": data.num_classes, **arguments}
+    model = build_model(name, **arguments)
+    return model, {"name": name, "config": model.config.to_dict()}
+
+
+def _diffusers(name: str, arguments: dict, data: TrainingData) -> tuple[nn.Module, dict]:
+    model = build_model(name, **arguments)
+    return model, {"name": name, "config": model.config.to_dict(), "family": model.family}
+
+
+BUILDERS: dict[str, Callable[[str, dict, TrainingData], tuple[nn.Module, dict]]] = {
+    "unet": _unet,
+    "diffusers": _diffusers,
+}
+
+
+def build_backbone(config: dict, data: TrainingData) -> tuple[nn.Module, dict]:
+    """``(model, architecture)`` for ``config["model"]`` and the training data."""
+    name, arguments = model_arguments(config)
+    model, architecture = BUILDERS[name](name, arguments, data)
+    training = config["training"]
+    if training["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
+    if training["lora"] is not None:
+        # The EMA teacher of a LoRA run is a second adapter (see twinflow.train.lora).
+        apply_lora(model, training["lora"], ema=float(training["ema_decay"]) > 0)
+        architecture["lora"] = training["lora"]
+        architecture["ema_adapter"] = float(training["ema_decay"]) > 0
+    return model, architecture
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """diffusers' ``enable_gradient_checkpointing`` on the adapted transformer."""
+    transformer = getattr(model, "transformer", None)
+    if transformer is None or not hasattr(transformer, "enable_gradient_checkpointing"):
+        raise ValueError(
+            f"training.gradient_checkpointing needs a diffusers transformer (model.name: diffusers), got {type(model).__name__}"
+        )
+    transformer.enable_gradient_checkpointing()

@@ -1,0 +1,148 @@
+"""LoRA fine-tuning of a diffusers transformer through PEFT (``training.lora``).
+
+:func:`apply_lora` freezes the adapted transformer and injects a LoRA adapter named
+``default`` (:data:`TRAINED`) into its ``target_modules``; only the LoRA weights train, plus the
+second time embedding ``emb_2`` when ``train_second_embedding`` is set. With an EMA teacher
+(``training.ema_decay > 0``) a second adapter named ``ema`` (:data:`EMA`) starts as a copy of
+``default`` and holds its exponential moving average (:class:`twinflow.teacher.AdapterEMATeacher`),
+so the teacher costs two small adapters' worth of memory instead of a copy of the model.
+
+Checkpoints of a LoRA run hold only these weights (:func:`model_weights`); the frozen base
+comes from ``model.path`` again on resume and export. Requires ``peft`` (``pip install "peft>=0.17"``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import Tensor, nn
+
+TRAINED = "default"  # the PEFT adapter the optimizer trains
+EMA = "ema"  # the PEFT adapter that holds the teacher's EMA of TRAINED
+
+LORA_DEFAULTS: dict[str, Any] = {
+    "rank": 16,
+    "alpha": 16,
+    # The attention projections of every family here (Qwen-Image, Z-Image, SD3, Flux).
+    "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+    "train_second_embedding": False,  # also train emb_2 in full (the teacher then uses the live emb_2)
+}
+
+
+def lora_options(options: dict | None) -> dict | None:
+    """``training.lora`` completed with :data:`LORA_DEFAULTS`; ``None`` (no LoRA) stays ``None``.
+
+    Raises ``ValueError`` naming an unknown or malformed key.
+    """
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise ValueError(f"training.lora must be a mapping like {{rank: 16}} or null, got {options!r}")
+    unknown = sorted(set(options) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {['training.lora.' + k for k in unknown]}; known: {sorted(LORA_DEFAULTS)}")
+    options = {**LORA_DEFAULTS, **options}
+    if not isinstance(options["rank"], int) or options["rank"] < 1:
+        raise ValueError(f"training.lora.rank must be a positive integer, got {options['rank']!r}")
+    if isinstance(options["alpha"], bool) or not isinstance(options["alpha"], (int, float)) or options["alpha"] <= 0:
+        raise ValueError(f"training.lora.alpha must be a positive number, got {options['alpha']!r}")
+    targets = options["target_modules"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"training.lora.target_modules must be a non-empty list of module names, got {targets!r}")
+    if not isinstance(options["train_second_embedding"], bool):
+        raise ValueError(f"training.lora.train_second_embedding must be true or false, got {options['train_second_embedding']!r}")
+    return options
+
+
+def peft_config(options: dict):
+    """The ``peft.LoraConfig`` of completed :func:`lora_options`."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=options["rank"], lora_alpha=options["alpha"], target_modules=list(options["target_modules"]))
+
+
+def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
+    """Freeze ``model`` (a :class:`~twinflow.adapters.TransformerAdapter`) and inject the
+    ``default`` adapter, and the ``ema`` copy of it when ``ema``; ``default`` is left active."""
+    from peft import inject_adapter_in_model
+
+    transformer = getattr(model, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"training.lora needs a diffusers transformer (model.name: diffusers), got {type(model).__name__}")
+    if options["train_second_embedding"] and model.single_time_embedding:
+        raise ValueError("training.lora.train_second_embedding needs a second time embedding; model.single_time_embedding is set")
+    model.requires_grad_(False)
+    config = peft_config(options)
+    inject_adapter_in_model(config, transformer, adapter_name=TRAINED)
+    if ema:
+        with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: intended
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(config, transformer, adapter_name=EMA)
+        for teacher_parameter, parameter in adapter_pairs(model):
+            teacher_parameter.data.copy_(parameter.data)
+    set_active_adapter(model, TRAINED)
+    if options["train_second_embedding"]:
+        model.second_embedding.requires_grad_(True)
+    model.lora = options  # marks the model as a LoRA model for checkpoints and export
+
+
+def is_lora(model: nn.Module) -> bool:
+    return getattr(model, "lora", None) is not None
+
+
+def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter of every LoRA layer; PEFT marks exactly its weights trainable."""
+    for layer in _tuner_layers(model):
+        layer.set_adapter(name)
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Within the block ``name`` is active; ``default`` (trainable) again afterwards."""
+    set_active_adapter(model, name)
+    try:
+        yield
+    finally:
+        set_active_adapter(model, TRAINED)
+
+
+def adapter_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """``(ema parameter, default parameter)`` of every LoRA weight, matched by name."""
+    parameters = dict(model.named_parameters())
+    pairs = []
+    for name, parameter in parameters.items():
+        if f".{EMA}." in name:
+            pairs.append((parameter, parameters[name.replace(f".{EMA}.", f".{TRAINED}.")]))
+    return pairs
+
+
+def model_weights(model: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint stores: the whole state dict, or for LoRA only the adapters (and emb_2)."""
+    state = model.state_dict()
+    if not is_lora(model):
+        return state
+    keep = {name for name, _ in model.named_parameters() if "lora_" in name}
+    if model.lora["train_second_embedding"]:
+        keep |= {f"transformer.{model.second_embedding_name}.{key}" for key in model.second_embedding.state_dict()}
+    return {name: value for name, value in state.items() if name in keep}
+
+
+def load_model_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Inverse of :func:`model_weights`: a LoRA checkpoint must hold exactly those keys."""
+    if not is_lora(model):
+        model.load_state_dict(weights)
+        return
+    expected = set(model_weights(model))
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"LoRA checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    model.load_state_dict(weights, strict=False)
