@@ -84,19 +84,23 @@ class ShuffledBatches:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
-        for key in ("epoch", "position"):
-            if key not in state:
-                raise ValueError(f"ShuffledBatches state is missing key {key!r}; got keys {sorted(state)}")
-        epoch, position = state["epoch"], state["position"]
-        if not _is_int(epoch) or epoch < 0:
-            raise ValueError(f"ShuffledBatches state 'epoch' must be a non-negative int, got {epoch!r}")
-        if not _is_int(position) or not 0 <= position <= self.num_items:
-            raise ValueError(
-                f"ShuffledBatches state 'position' must be an int in [0, {self.num_items}], got {position!r}"
-            )
+        epoch, position = read_order_state(state, "ShuffledBatches", self.num_items)
         self._epoch = int(epoch)
         self._position = int(position)
         self._permutation = None
+
+
+def read_order_state(state: Mapping[str, int], owner: str, positions: int) -> tuple[int, int]:
+    """Check a ``{"epoch", "position"}`` batch-order state (position in ``[0, positions]``); errors name ``owner``."""
+    for key in ("epoch", "position"):
+        if key not in state:
+            raise ValueError(f"{owner} state is missing key {key!r}; got keys {sorted(state)}")
+    epoch, position = state["epoch"], state["position"]
+    if not _is_int(epoch) or epoch < 0:
+        raise ValueError(f"{owner} state 'epoch' must be a non-negative int, got {epoch!r}")
+    if not _is_int(position) or not 0 <= position <= positions:
+        raise ValueError(f"{owner} state 'position' must be an int in [0, {positions}], got {position!r}")
+    return int(epoch), int(position)
 
 
 def _is_int(value: object) -> bool:

@@ -50,6 +50,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from twinflow.data.batches import read_order_state
 from twinflow.data.datasets import _image_to_chw_array, _is_int, _uint8_to_unit_range
 
 CAPTIONED_SOURCES: tuple[str, ...] = ("folder", "parquet")
@@ -509,16 +510,7 @@ class BucketBatches:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
-        for key in ("epoch", "position"):
-            if key not in state:
-                raise ValueError(f"BucketBatches state is missing key {key!r}; got keys {sorted(state)}")
-        epoch, position = state["epoch"], state["position"]
-        if not _is_int(epoch) or epoch < 0:
-            raise ValueError(f"BucketBatches state 'epoch' must be a non-negative int, got {epoch!r}")
-        if not _is_int(position) or not 0 <= position <= self.batches_per_epoch:
-            raise ValueError(
-                f"BucketBatches state 'position' must be an int in [0, {self.batches_per_epoch}], got {position!r}"
-            )
+        epoch, position = read_order_state(state, "BucketBatches", self.batches_per_epoch)
         self._epoch = int(epoch)
         self._position = int(position)
         self._batches = None
