@@ -193,12 +193,7 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         axis.set_xlabel("network evaluations (NFE)")
         axis.set_title(name, fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].legend(fontsize=8)
-    figure.suptitle("Quality against NFE, same training budget")
-    figure.tight_layout()
-    figure.savefig(out / "quality_vs_nfe.png", dpi=110)
-    plt.close(figure)
+    _finish(plt, figure, axes, "Quality against NFE, same training budget", out / "quality_vs_nfe.png")
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     series = [("twinflow", "1nfe", "-"), ("rcgm", "1nfe", "-"), ("flow_matching", "multi:steps=1", "--"),
@@ -217,13 +212,18 @@ def plot(results: dict, out: Path) -> dict[str, str]:
         axis.set_xlabel("training minutes (steps x measured seconds per step)")
         axis.set_title(name, fontsize=10)
         axis.grid(alpha=0.3)
+    _finish(plt, figure, axes, "Quality against training time", out / "quality_vs_training_time.png")
+    return {"quality against NFE": "quality_vs_nfe.png", "quality against training time": "quality_vs_training_time.png"}
+
+
+def _finish(plt, figure, axes, title: str, path: Path) -> None:
+    """Shared look of both figures: log-scale distance panel, legend on the accuracy panel."""
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=8)
-    figure.suptitle("Quality against training time")
+    figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(out / "quality_vs_training_time.png", dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    return {"quality against NFE": "quality_vs_nfe.png", "quality against training time": "quality_vs_training_time.png"}
 
 
 def render(results: dict, out: Path) -> str:
