@@ -1,4 +1,4 @@
-"""Command line: ``twinflow train | sample | eval | generate | encode``."""
+"""Command line: ``twinflow train | sample | eval | generate | encode | cache | export``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="text-to-image with a TwinFlow diffusers model folder (PNG files)")
     generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Z-Image, SD3, Flux), or a hub id (owner/name) fetched once when online")
     _add_prompt_arguments(generate)
+    generate.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA export (twinflow export of a LoRA run) to apply to --model")
     generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
     generate.add_argument("--preset", default="2nfe", help="sampler preset or spec: 1nfe, 2nfe, 4nfe, any, multi, multi:steps=50")
     generate.add_argument("--sampler", dest="sampler_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -67,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale (0: off, as TwinFlow models are meant to be used)")
     _add_device_arguments(generate)
     generate.add_argument("--offload", action="store_true", help="model CPU offload: each model moves to the GPU only while it runs (CUDA only)")
+
+    cache = commands.add_parser("cache", help="encode captioned images once into a latent cache for text-to-image training")
+    cache.add_argument("--model", required=True, help="a diffusers pipeline folder (its VAE and text encoder are used)")
+    cache.add_argument("--data", type=Path, required=True, help="a folder of images with same-name .txt captions, or parquet file(s)")
+    cache.add_argument("--source", choices=["folder", "parquet"], default="folder")
+    cache.add_argument("--size", type=int, default=1024, help="image side (square crop), or the pixel budget side with --buckets")
+    cache.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of square centre crops")
+    cache.add_argument("--on-error", choices=["skip", "error"], default="skip",
+                       help="corrupt images and missing captions: count, report and skip them, or stop at the first")
+    cache.add_argument("--out", type=Path, required=True, help="the cache folder (an interrupted run resumes)")
+    cache.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
+    cache.add_argument("--shard-size", type=int, default=1024, help="items per safetensors shard")
+    cache.add_argument("--overwrite", action="store_true", help="replace an existing cache made from other data or settings")
+    _add_device_arguments(cache)
+
+    export = commands.add_parser("export", help="write a trained text-to-image checkpoint as a diffusers folder (or a LoRA file)")
+    export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
+    export.add_argument("--out", type=Path, required=True, help="the new folder to write (must not exist)")
+    export.add_argument("--ema", action="store_true", help="export the EMA teacher's weights")
+    export.add_argument("--pipeline", type=Path, help="the diffusers pipeline folder whose VAE and text encoder join the "
+                                                       "trained transformer (default: the one model.path lies in)")
+    export.add_argument("--merge-lora", action="store_true", help="merge a LoRA run into the base weights: a full folder")
+    export.add_argument("--link", action="store_true", help="hard-link the pipeline's other parts instead of copying them")
 
     encode = commands.add_parser("encode", help="encode prompts once with the text encoder, for generate --embeddings")
     encode.add_argument("--model", required=True, help="a diffusers pipeline folder with its text encoder, or a hub id")
@@ -190,7 +214,7 @@ def command_generate(arguments: argparse.Namespace) -> None:
         raise ValueError("give --prompt, --prompt-file or --embeddings")
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
-        load_text_encoder=arguments.embeddings is None,
+        load_text_encoder=arguments.embeddings is None, lora=arguments.lora,
     )
     width, height = arguments.size
     result = pipe.generate(
@@ -201,6 +225,40 @@ def command_generate(arguments: argparse.Namespace) -> None:
     paths = save_images(result, arguments.out)
     print(f"wrote {len(paths)} image(s) of {width}x{height} to {arguments.out} "
           f"({result.seconds_per_image:.2f} s per image, {result.network_calls} network call(s) each)")
+
+
+def command_cache(arguments: argparse.Namespace) -> None:
+    from twinflow.data import CaptionedDataConfig
+    from twinflow.train.prepare import cache_from_pipeline
+
+    data = CaptionedDataConfig(
+        source=arguments.source, root=str(arguments.data), image_size=arguments.size, buckets=arguments.buckets,
+        on_error=arguments.on_error,
+    )
+    cache, dataset = cache_from_pipeline(
+        arguments.model, data, arguments.out, device=arguments.device, dtype=arguments.dtype,
+        batch_size=arguments.batch_size, shard_size=arguments.shard_size, overwrite=arguments.overwrite,
+    )
+    shapes = ", ".join("x".join(str(side) for side in shape) for shape in cache.buckets)
+    print(f"cached {len(cache)} item(s) in {arguments.out} (latent shapes {shapes})")
+    if dataset.report.total:
+        print(f"skipped: {dataset.report.summary()}")
+
+
+def command_export(arguments: argparse.Namespace) -> None:
+    from twinflow.adapters import LORA_WEIGHTS_FILE
+    from twinflow.train.export import export_diffusers
+
+    out = export_diffusers(
+        arguments.checkpoint, arguments.out, use_ema=arguments.ema, pipeline=arguments.pipeline,
+        merge_lora=arguments.merge_lora, link_parts=arguments.link,
+    )
+    if (out / LORA_WEIGHTS_FILE).is_file():
+        print(f"LoRA adapter: {out} (use: twinflow generate --model BASE --lora {out})")
+    elif (out / "model_index.json").is_file():
+        print(f"pipeline folder: {out} (use: twinflow generate --model {out})")
+    else:
+        print(f"transformer folder: {out} (no pipeline to join it to: give --pipeline for a folder twinflow generate loads)")
 
 
 def command_encode(arguments: argparse.Namespace) -> None:
@@ -222,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "train": command_train, "sample": command_sample, "eval": command_eval,
-        "generate": command_generate, "encode": command_encode,
+        "generate": command_generate, "encode": command_encode, "export": command_export,
+        "cache": command_cache,
     }
     try:
         handlers[arguments.command](arguments)
-    except (ValueError, FileNotFoundError, ImportError, TrainingDiverged) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

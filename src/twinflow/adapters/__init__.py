@@ -8,6 +8,13 @@ released key names (``weights``). Nothing here imports diffusers except :func:`l
 """
 
 from twinflow.adapters.base import TargetTimeEmbedding, TimeConvention, TransformerAdapter
+from twinflow.adapters.exported import (
+    EXTRA_WEIGHTS_FILE,
+    LORA_WEIGHTS_FILE,
+    METADATA_FILE,
+    load_lora_export,
+    read_metadata,
+)
 from twinflow.adapters.flux import FLUX_TIME, FluxAdapter
 from twinflow.adapters.qwen_image import QWEN_IMAGE_TIME, QwenImageAdapter
 from twinflow.adapters.registry import ADAPTERS, adapter_for, build_adapter, family_of, load_adapter
@@ -23,6 +30,9 @@ from twinflow.adapters.z_image import Z_IMAGE_TIME, ZImageAdapter
 
 __all__ = [
     "ADAPTERS",
+    "EXTRA_WEIGHTS_FILE",
+    "LORA_WEIGHTS_FILE",
+    "METADATA_FILE",
     "FLUX_TIME",
     "QWEN_IMAGE_TIME",
     "SD3_TIME",
@@ -41,6 +51,8 @@ __all__ = [
     "find_extra_weights",
     "load_adapter",
     "load_extra_weights",
+    "load_lora_export",
+    "read_metadata",
     "save_extra_weights",
     "weight_files",
 ]

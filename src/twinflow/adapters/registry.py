@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from twinflow.adapters.base import TransformerAdapter
+from twinflow.adapters.exported import read_metadata
 from twinflow.adapters.flux import FluxAdapter
 from twinflow.adapters.qwen_image import QwenImageAdapter
 from twinflow.adapters.sd3 import SD3Adapter
@@ -49,7 +50,9 @@ def adapter_for(transformer: nn.Module, **options: Any) -> TransformerAdapter:
     return build_adapter(family_of(transformer), transformer, **options)
 
 
-def load_adapter(path: str | Path, *, single_time_embedding: bool = False, **from_pretrained: Any) -> TransformerAdapter:
+def load_adapter(
+    path: str | Path, *, single_time_embedding: bool | None = None, **from_pretrained: Any
+) -> TransformerAdapter:
     """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
 
     The transformer comes from its class's ``from_pretrained(folder, **from_pretrained)``
@@ -57,6 +60,7 @@ def load_adapter(path: str | Path, *, single_time_embedding: bool = False, **fro
     then read from the same safetensors files. A folder without them gives a copy-initialised
     ``emb_2`` and a warning. ``single_time_embedding`` builds the LoRA variant without ``emb_2``
     (see :class:`~twinflow.adapters.TransformerAdapter`); no extra weights are read then.
+    ``None`` takes it from the folder's ``twinflow.json`` (an export of such a run), else ``False``.
     """
     import diffusers  # the optional extra: pip install "twinflow[diffusers]"
 
@@ -64,6 +68,8 @@ def load_adapter(path: str | Path, *, single_time_embedding: bool = False, **fro
     folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
     class_name = json.loads((folder / "config.json").read_text())["_class_name"]
     family = _family_of_class_names([class_name])
+    if single_time_embedding is None:
+        single_time_embedding = bool(read_metadata(folder).get("single_time_embedding", False))
     transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **from_pretrained)
     if single_time_embedding:
         return build_adapter(family, transformer, single_time_embedding=True)

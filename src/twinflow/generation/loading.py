@@ -144,11 +144,13 @@ def load_pipeline(
     load_text_encoder: bool = True,
     load_transformer: bool = True,
     transformer: Any = None,
+    load_vae: bool | None = None,
 ) -> LoadedPipeline:
     """Load a pipeline folder's parts with ``local_files_only`` (see the module notes).
 
-    ``load_transformer=False`` loads neither transformer weights nor VAE (prompt encoding only;
-    the transformer is built on the meta device from its config, which some pipelines read).
+    ``load_transformer=False`` loads no transformer weights (the transformer is built on the
+    meta device from its config, which some pipelines read) and, unless ``load_vae``, no VAE:
+    prompt encoding only; with ``load_vae`` the VAE too (caching latents for training).
     ``transformer`` is an already loaded (adapted) transformer to use.
     A folder whose ``model_index.json`` lists no text encoder loads without one.
     """
@@ -156,7 +158,8 @@ def load_pipeline(
 
     folder = resolve_model_folder(folder)
     family = folder_family(folder)
-    check_folder(folder, MODEL_PARTS if load_transformer else ("transformer",))
+    load_vae = load_transformer if load_vae is None else load_vae
+    check_folder(folder, MODEL_PARTS if load_vae else ("transformer",))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if offload and device.type != "cuda":
@@ -173,7 +176,8 @@ def load_pipeline(
         model_class = getattr(diffusers, json.loads(config_file.read_text())["_class_name"])
         with init_empty_weights():  # no memory: only its config is read
             parts["transformer"] = model_class.from_config(model_class.load_config(str(folder / "transformer")))
-        parts["vae"] = None
+        if not load_vae:
+            parts["vae"] = None
     elif transformer is not None:
         parts["transformer"] = transformer
     pipeline_class = getattr(diffusers, family.pipeline_class)
@@ -186,7 +190,7 @@ def load_pipeline(
     elif load_transformer:
         pipeline.to(device)
     else:
-        for part in family.text_components:
+        for part in (*family.text_components, "vae"):
             model = getattr(pipeline, part, None)
             if isinstance(model, torch.nn.Module):
                 model.to(device)

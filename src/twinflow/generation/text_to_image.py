@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from twinflow.adapters import TransformerAdapter, load_adapter
+from twinflow.adapters import TransformerAdapter, load_adapter, load_lora_export
 from twinflow.generation.embeddings import (
     PromptEmbeddings,
     concatenate_conditions,
@@ -154,6 +154,7 @@ class TextToImage:
         dtype: str | torch.dtype | None = None,
         offload: bool = False,
         load_text_encoder: bool = True,
+        lora: str | Path | None = None,
     ) -> TextToImage:
         """Load a diffusers pipeline folder (``QwenImagePipeline``, ``ZImagePipeline``,
         ``StableDiffusion3Pipeline`` or ``FluxPipeline``) with its TwinFlow adapter.
@@ -170,12 +171,15 @@ class TextToImage:
                 device it raises ``ValueError``.
             load_text_encoder: ``False`` never loads the text encoder(s): generate from
                 precomputed embeddings (small GPUs; folders without a text encoder).
+            lora: a LoRA export of ``twinflow export`` (``pytorch_lora_weights.safetensors``
+                and the trained second time embedding) to apply to the folder's transformer.
         """
         folder = Path(folder)
         family = folder_family(folder)
         check_folder(folder, MODEL_PARTS)
         loaded_dtype = resolve_dtype(dtype, resolve_device(device))
-        adapter = load_adapter(folder, dtype=loaded_dtype, local_files_only=True, use_safetensors=True)
+        loading = {"dtype": loaded_dtype, "local_files_only": True, "use_safetensors": True}
+        adapter = load_adapter(folder, **loading) if lora is None else load_lora_export(folder, lora, **loading)
         if adapter.family != family.name:
             raise ValueError(
                 f"{folder}: the pipeline is {family.pipeline_class} but transformer/ holds a {adapter.family} model"

@@ -1,84 +1,171 @@
-"""Export a trained text-to-image checkpoint as a diffusers transformer folder.
+"""Export a trained text-to-image checkpoint in diffusers' formats (``twinflow export``).
 
 :func:`export_diffusers` rebuilds the adapter from the checkpoint's ``architecture`` (the
-pretrained folder it was trained from), loads the trained (or EMA) weights and writes the
-transformer with diffusers' ``save_pretrained``: ``config.json`` plus safetensors holding every
-original key and the TwinFlow extra weights under their released names (``time_text_embed_2.*``
-/ ``t_embedder_2.*``). :func:`twinflow.adapters.load_adapter` reads the folder back with the
-trained second embedding (no copy-initialisation warning); diffusers alone reports the extra
-keys as unused, as it does for the released TwinFlow checkpoints.
+pretrained folder it was trained from), loads the trained (or EMA) weights and writes:
 
-A LoRA run (``training.lora``) exports its adapter instead of a merged model: ``out_dir`` gets
-``pytorch_lora_weights.safetensors`` (diffusers' ``save_lora_adapter`` format: PEFT key names,
-the ``LoraConfig`` in the safetensors metadata; the ``ema`` adapter when ``use_ema``) and
-``twinflow_extra_weights.safetensors`` (``emb_2`` under its released names; absent for a
-``model.single_time_embedding`` run). A full export of such a run has only the original keys:
-read it with ``load_adapter(out_dir, single_time_embedding=True)``.
-:func:`load_lora_export` puts both on the pretrained transformer again.
+* a **pipeline folder** that ``twinflow generate --model OUT`` loads, when the model was trained
+  from a pipeline folder's ``transformer/`` (or when ``pipeline`` names one): the pipeline's other
+  parts (VAE, text encoders, tokenizers, scheduler, ``model_index.json``) are copied (or, with
+  ``link_parts``, hard-linked) and ``transformer/`` is the trained one;
+* else a **transformer folder** (diffusers' ``save_pretrained``: ``config.json`` plus safetensors
+  with every original key and the TwinFlow extra weights under their released names,
+  ``time_text_embed_2.*`` / ``t_embedder_2.*``), as the released TwinFlow checkpoints ship them;
+* for a LoRA run, the **adapter** in diffusers' LoRA format (``pytorch_lora_weights.safetensors``
+  and ``emb_2`` in ``twinflow_extra_weights.safetensors``; see :mod:`twinflow.adapters.exported`),
+  for ``twinflow generate --model BASE --lora OUT``; or with ``merge_lora`` the LoRA merged into
+  the base weights, written as a full folder as above.
+
+Every transformer folder gets ``twinflow.json`` (where the weights came from; whether the model
+uses the single time embedding). The export is written beside ``out_dir`` and renamed into place
+at the end, so an interrupted export leaves nothing half-written; an existing ``out_dir`` is
+refused rather than overwritten.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
-from twinflow.adapters import TransformerAdapter, load_adapter, load_extra_weights, save_extra_weights
+from twinflow import __version__
+from twinflow.adapters import (
+    EXTRA_WEIGHTS_FILE,
+    LORA_WEIGHTS_FILE,
+    METADATA_FILE,
+    TransformerAdapter,
+    load_lora_export,
+    save_extra_weights,
+)
 from twinflow.models import build_model
-from twinflow.train.checkpoint import load_checkpoint
-from twinflow.train.lora import EMA, TRAINED, apply_lora, load_model_weights
+from twinflow.train.checkpoint import Checkpoint, load_checkpoint
+from twinflow.train.lora import EMA, TRAINED, apply_lora, load_model_weights, merge_lora
 
-__all__ = ["EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "export_diffusers", "load_lora_export"]
+__all__ = ["EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "export_diffusers", "load_lora_export", "pipeline_folder_of"]
 
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA adapter
-EXTRA_WEIGHTS_FILE = "twinflow_extra_weights.safetensors"
+TRANSFORMER = "transformer"
 
 
-def export_diffusers(checkpoint: str | Path, out_dir: str | Path, use_ema: bool = False) -> Path:
-    """Write the transformer of ``checkpoint`` (a checkpoint folder, or a run folder: its newest)
-    to ``out_dir``; ``use_ema`` exports the EMA teacher's weights. Returns ``out_dir``."""
+def export_diffusers(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    use_ema: bool = False,
+    pipeline: str | Path | None = None,
+    merge_lora: bool = False,
+    link_parts: bool = False,
+) -> Path:
+    """Write the model of ``checkpoint`` (a checkpoint folder, or a run folder: its newest) to
+    ``out_dir`` (see the module notes); returns ``out_dir``.
+
+    Args:
+        use_ema: export the EMA teacher's weights (the ``ema`` adapter of a LoRA run).
+        pipeline: a diffusers pipeline folder whose other parts join the trained transformer;
+            default: the pipeline that ``model.path`` is the ``transformer/`` of, if any.
+        merge_lora: a LoRA run is merged into the base weights and written as a full folder
+            instead of as an adapter file.
+        link_parts: hard-link the pipeline's other parts instead of copying them (no second copy
+            of a multi-GB text encoder; the files are then shared with ``pipeline``: never
+            rewrite them in place). Falls back to copying across file systems.
+    """
     stored = load_checkpoint(checkpoint, full=False)
     architecture = stored.state["architecture"]
     if architecture["name"] != "diffusers":
         raise ValueError(f"export_diffusers needs a model.name=diffusers checkpoint, got {architecture['name']!r}")
-    if architecture.get("lora") is not None:
-        return _export_lora(stored, architecture, Path(out_dir), use_ema)
-    weights = stored.ema if use_ema else stored.model
-    if weights is None:
-        raise ValueError(f"checkpoint {checkpoint} has no EMA weights (training.ema_decay was 0); use use_ema=False")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten just below
-        adapter = build_model(architecture["name"], **architecture["config"])
-    adapter.load_state_dict(weights)
     out_dir = Path(out_dir)
-    adapter.transformer.save_pretrained(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; export into a new folder")
+    lora = architecture.get("lora") is not None
+    if use_ema and (stored.ema is None if not lora else not architecture.get("ema_adapter")):
+        raise ValueError(f"checkpoint {checkpoint} has no EMA weights (training.ema_decay was 0); use use_ema=False")
+    source = pipeline_folder_of(architecture["config"]["path"]) if pipeline is None else Path(pipeline)
+    if source is not None and not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"pipeline {source} has no model_index.json: not a diffusers pipeline folder")
+
+    if lora and not merge_lora and pipeline is not None:
+        raise ValueError("an unmerged LoRA export holds the adapter only; use merge_lora=True for a full pipeline folder")
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
+    partial.mkdir(parents=True)
+    metadata = {
+        "twinflow_version": __version__, "checkpoint": str(Path(checkpoint).resolve()), "step": stored.step,
+        "weights": "ema" if use_ema else "model", "family": architecture.get("family"),
+    }
+    try:
+        if lora and not merge_lora:
+            _write_lora(stored, architecture, partial, use_ema, metadata)
+        else:
+            adapter = _trained_adapter(stored, architecture, use_ema)
+            transformer_dir = partial / TRANSFORMER if source is not None else partial
+            if source is not None:
+                _copy_pipeline_parts(source, partial, link_parts)
+            adapter.transformer.save_pretrained(transformer_dir)
+            metadata |= {"lora_merged": lora, "single_time_embedding": adapter.single_time_embedding}
+            (transformer_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, out_dir)
     return out_dir
 
 
-def _export_lora(stored, architecture: dict, out_dir: Path, use_ema: bool) -> Path:
-    if use_ema and not architecture.get("ema_adapter"):
-        raise ValueError("this LoRA run has no EMA adapter (training.ema_decay was 0); use use_ema=False")
+def pipeline_folder_of(model_path: str | Path) -> Path | None:
+    """The pipeline folder that ``model.path`` belongs to: itself if it has ``model_index.json``,
+    its parent if it is that pipeline's ``transformer/``; else ``None`` (a bare transformer)."""
+    path = Path(model_path)
+    if (path / "model_index.json").is_file():
+        return path
+    if path.name == TRANSFORMER and (path.parent / "model_index.json").is_file():
+        return path.parent
+    return None
+
+
+def _build(architecture: dict) -> TransformerAdapter:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        adapter = build_model(architecture["name"], **architecture["config"])
+        warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten by the checkpoint
+        config = {**architecture["config"], "dtype": "fp32"}  # export the trained weights at full precision
+        return build_model(architecture["name"], **config)
+
+
+def _trained_adapter(stored: Checkpoint, architecture: dict, use_ema: bool) -> TransformerAdapter:
+    """The adapter with the checkpoint's weights; a LoRA run's chosen adapter merged in."""
+    adapter = _build(architecture)
+    if architecture.get("lora") is None:
+        adapter.load_state_dict(stored.ema if use_ema else stored.model)
+        return adapter
     apply_lora(adapter, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
     load_model_weights(adapter, stored.model)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    merge_lora(adapter, EMA if use_ema else TRAINED)
+    return adapter
+
+
+def _write_lora(stored: Checkpoint, architecture: dict, out_dir: Path, use_ema: bool, metadata: dict) -> None:
+    adapter = _build(architecture)
+    apply_lora(adapter, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
+    load_model_weights(adapter, stored.model)
     adapter.transformer.save_lora_adapter(out_dir, adapter_name=EMA if use_ema else TRAINED, weight_name=LORA_WEIGHTS_FILE)
     if not adapter.single_time_embedding:
         save_extra_weights(adapter, out_dir / EXTRA_WEIGHTS_FILE)
-    return out_dir
+    metadata |= {"lora": architecture["lora"], "base": architecture["config"]["path"],
+                 "single_time_embedding": adapter.single_time_embedding}
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
-def load_lora_export(base: str | Path, export: str | Path) -> TransformerAdapter:
-    """The adapter of the pretrained folder ``base`` with an exported LoRA (the PEFT adapter
-    ``default``, active) and the exported ``emb_2``; an export without ``emb_2`` comes from a
-    ``model.single_time_embedding`` run and gives that adapter."""
-    export = Path(export)
-    extra = export / EXTRA_WEIGHTS_FILE
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten just below
-        adapter = load_adapter(base, single_time_embedding=not extra.is_file())
-    if extra.is_file():
-        load_extra_weights(adapter, extra)
-    adapter.transformer.load_lora_adapter(str(export), prefix=None, weight_name=LORA_WEIGHTS_FILE, adapter_name=TRAINED)
-    return adapter
+def _copy_pipeline_parts(source: Path, out_dir: Path, link: bool) -> None:
+    """Every part of the pipeline ``source`` but its transformer, copied or hard-linked."""
+    copy = _link_or_copy if link else shutil.copy2
+    for entry in sorted(source.iterdir()):
+        if entry.name == TRANSFORMER:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out_dir / entry.name, copy_function=copy)
+        else:
+            copy(entry, out_dir / entry.name)
+
+
+def _link_or_copy(source: str | Path, target: str | Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

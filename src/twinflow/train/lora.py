@@ -84,8 +84,13 @@ def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
         for teacher_parameter, parameter in adapter_pairs(model):
             teacher_parameter.data.copy_(parameter.data)
     set_active_adapter(model, TRAINED)
+    # Trained weights stay float32 even on a bfloat16 base (model.dtype: bf16): the optimizer
+    # and the EMA need the precision; autocast runs the matmuls in bf16 anyway.
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = parameter.data.float()
     if options["train_second_embedding"]:
-        model.second_embedding.requires_grad_(True)
+        model.second_embedding.float().requires_grad_(True)
     model.lora = options  # marks the model as a LoRA model for checkpoints and export
 
 
@@ -93,15 +98,16 @@ def is_lora(model: nn.Module) -> bool:
     return getattr(model, "lora", None) is not None
 
 
-def _tuner_layers(model: nn.Module) -> list[nn.Module]:
+def _tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The LoRA layers of ``model`` by module name."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    return {name: module for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
 
 
 def set_active_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter of every LoRA layer; PEFT marks exactly its weights trainable."""
-    for layer in _tuner_layers(model):
+    for layer in _tuner_layers(model).values():
         layer.set_adapter(name)
 
 
@@ -123,6 +129,16 @@ def adapter_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
         if f".{EMA}." in name:
             pairs.append((parameter, parameters[name.replace(f".{EMA}.", f".{TRAINED}.")]))
     return pairs
+
+
+def merge_lora(model: nn.Module, name: str) -> None:
+    """Fold adapter ``name`` into the base weights (``W + scale * B A``) and remove every LoRA
+    layer, leaving the transformer with its original module names and keys (for export)."""
+    for module_name, layer in _tuner_layers(model).items():
+        layer.merge(adapter_names=[name])
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    model.lora = None
 
 
 def model_weights(model: nn.Module) -> dict[str, Tensor]:

@@ -1,0 +1,58 @@
+"""Prepare text-to-image training data: captioned images -> a latent cache (``twinflow cache``).
+
+Training a large transformer should not keep its VAE and text encoder in memory, nor run them
+on every step. :func:`cache_from_pipeline` runs them once over the captioned data (a folder of
+images with same-name ``.txt`` captions, or parquet files) with the VAE and text encoder(s) of
+a diffusers pipeline folder, and writes the latents, the prompt embeddings and the empty
+prompt's embedding (the null condition of the guidance-enhanced target) to a resumable
+safetensors cache that ``data.source: latent_cache`` trains from. The transformer's weights are
+never loaded; only its config is read, to check that every image size fits the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from twinflow.data import CaptionedDataConfig, load_captioned
+from twinflow.data.cache import CachedLatents, cache_dataset, prompt_encoder, vae_encoder
+from twinflow.data.captioned import CaptionedImages
+from twinflow.generation.loading import load_pipeline
+
+__all__ = ["cache_from_pipeline"]
+
+
+def cache_from_pipeline(
+    pipeline: str | Path,
+    data: CaptionedDataConfig,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[CachedLatents, CaptionedImages]:
+    """Encode the captioned ``data`` with the VAE and text encoder of ``pipeline`` into ``out_dir``.
+
+    Returns the cache and the dataset (``dataset.report`` lists the skipped items, those found
+    while encoding included). An interrupted run continues where it stopped when called again.
+
+    Raises:
+        FileNotFoundError: the pipeline folder lacks its VAE or text encoder.
+        ValueError: an image size (or bucket) that the model cannot take, naming the numbers.
+    """
+    dataset = load_captioned(data)
+    loaded = load_pipeline(pipeline, device=device, dtype=dtype, load_transformer=False, load_vae=True)
+    if not loaded.can_encode:
+        parts = ", ".join(f"{part}/" for part in loaded.family.required_text_components)
+        raise FileNotFoundError(f"{loaded.folder} has no text encoder to cache prompt embeddings with (needs {parts})")
+    for height, width in dataset.buckets:  # fail before encoding anything, not at the first odd bucket
+        loaded.family.latent_shape(loaded.pipeline, loaded.pipeline.transformer, width, height)
+    cache = cache_dataset(
+        dataset, vae_encoder(loaded.pipeline.vae), prompt_encoder(loaded.pipeline), out_dir,
+        shard_size=shard_size, batch_size=batch_size, progress=progress, overwrite=overwrite, null_prompt="",
+    )
+    return cache, dataset
