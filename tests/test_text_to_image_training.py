@@ -342,3 +342,88 @@ def test_bf16_autocast_and_image_free_mode_run(transformer_folder, latent_cache,
         result = train(config, tmp_path / "run")
     weights = _tensors(result.final_checkpoint / "model.safetensors")
     assert all(torch.isfinite(value).all() for value in weights.values())
+
+
+# -- aspect-ratio buckets: a cache of several latent shapes --------------------------------------
+
+
+class TwoShapeLatents:
+    """Sixteen latents of two shapes (8x8 and 8x12), bucket ids alternating."""
+
+    description = "random latents of two shapes"
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(1)
+        self.bucket_ids = torch.arange(16) % 2
+        self.images = [torch.rand(CHANNELS, SIZE, SIZE + 4 * int(bucket), generator=generator) * 2 - 1 for bucket in self.bucket_ids]
+        self.captions = [f"caption {index}" for index in range(16)]
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, indices: torch.Tensor):
+        return torch.stack([self.images[int(index)] for index in indices]), [self.captions[int(index)] for index in indices]
+
+
+def test_a_bucketed_cache_trains_one_shape_per_batch(transformer_folder, tmp_path):
+    cache_folder = tmp_path / "bucketed"
+    cache_dataset(TwoShapeLatents(), identity, encode_prompts, cache_folder, shard_size=8, batch_size=4, progress=False, null_prompt="")
+    data = CachedLatentData(CachedLatents(cache_folder))
+    assert data.latent_shapes == [(CHANNELS, SIZE, SIZE), (CHANNELS, SIZE, SIZE + 4)]
+    order = data.batch_order(4, seed=0)
+    shapes = [data.batch(order.next_indices(), torch.device("cpu"))[0].shape for _ in range(order.batches_per_epoch)]
+    assert {shape[-1] for shape in shapes} == {SIZE, SIZE + 4} and all(shape[0] == 4 for shape in shapes)
+
+    config = load_config(TINY, [f"model.path={transformer_folder}", f"data.root={cache_folder}"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(config, tmp_path / "run")
+        shutil.rmtree(checkpoint_folder(tmp_path / "run", 4))
+        train(config, tmp_path / "run", resume=True)  # the bucket order resumes too
+    weights = _tensors(result.final_checkpoint / "model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
+    uninterrupted = tmp_path / "uninterrupted"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(config, uninterrupted)
+    expected = _tensors(checkpoint_folder(uninterrupted, 4) / "model.safetensors")
+    resumed = _tensors(checkpoint_folder(tmp_path / "run", 4) / "model.safetensors")
+    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
+
+
+# -- a bfloat16 frozen base under LoRA (model.dtype: bf16) ---------------------------------------
+
+
+def test_lora_on_a_bfloat16_base_keeps_trained_weights_in_float32(transformer_folder, latent_cache, tmp_path):
+    pytest.importorskip("peft")
+    from twinflow.train.backbone import build_backbone
+
+    lora = LORA.replace("}", ", train_second_embedding: true}")
+    overrides = [f"model.path={transformer_folder}", f"data.root={latent_cache}", lora, "model.dtype=bf16",
+                 "precision=bf16", "phases.0.steps=2"]
+    config = load_config(TINY, overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _ = build_backbone(config, CachedLatentData(CachedLatents(latent_cache)))
+        result = train(config, tmp_path / "run")
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trained and all(dtypes[name] == torch.float32 for name in trained)
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if ".lora_" in name)  # the EMA adapter too
+    frozen = [dtype for name, dtype in dtypes.items() if ".lora_" not in name and name not in trained]
+    assert frozen and all(dtype == torch.bfloat16 for dtype in frozen)
+    weights = _tensors(result.final_checkpoint / "model.safetensors")
+    second = [value for key, value in weights.items() if "t_embedder_2" in key]
+    assert second and all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in weights.values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["model.dtype=bf16", "precision=bf16"], "for a frozen base under"),
+     (["model.dtype=bf16", LORA], "needs precision: bf16"),
+     (["model.dtype=fp16"], "model.dtype must be")],
+    ids=["full_parameter", "fp32_compute", "unknown"],
+)
+def test_bfloat16_base_config_errors(transformer_folder, latent_cache, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, [f"model.path={transformer_folder}", f"data.root={latent_cache}", *overrides])

@@ -5,13 +5,22 @@ read from ``path`` with :func:`~twinflow.adapters.load_adapter`: a diffusers tra
 or a pipeline folder with ``transformer/``. A folder that already holds the TwinFlow extra
 weights (a TwinFlow checkpoint, or one written by :func:`twinflow.train.export.export_diffusers`)
 starts from them; otherwise the second time embedding is a copy of the first (spec section 4).
+
+``dtype: bf16`` keeps the pretrained weights in bfloat16, which halves their memory (a 20B
+Qwen-Image base: 40 GB instead of 80 GB). It is meant for a frozen base under LoRA: the
+adapters, and a trained second embedding, stay float32 (:func:`twinflow.train.lora.apply_lora`),
+and the configuration checks refuse it for full-parameter training, where the optimizer needs
+float32 weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -24,11 +33,13 @@ class DiffusersConfig:
             ``sd3``, ``flux``; a named family must match the folder's class.
         single_time_embedding: the reference's LoRA variant (spec section 4): no second time
             embedding, the model's own one receives ``t - r/2``.
+        dtype: ``fp32`` or ``bf16``: the dtype of the pretrained weights in memory (see above).
     """
 
     path: str | None = None
     family: str = "auto"
     single_time_embedding: bool = False
+    dtype: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +55,11 @@ def build_diffusers(config: DiffusersConfig) -> nn.Module:
         raise ValueError(f"model.family must be 'auto' or one of {sorted(ADAPTERS)}, got {config.family!r}")
     if not isinstance(config.single_time_embedding, bool):
         raise ValueError(f"model.single_time_embedding must be true or false, got {config.single_time_embedding!r}")
-    adapter = load_adapter(config.path, single_time_embedding=config.single_time_embedding)
+    if config.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(WEIGHT_DTYPES)}, got {config.dtype!r}")
+    adapter = load_adapter(
+        config.path, single_time_embedding=config.single_time_embedding, dtype=WEIGHT_DTYPES[config.dtype]
+    )
     if config.family != "auto" and adapter.family != config.family:
         raise ValueError(f"model.family is {config.family!r} but {config.path} holds a {adapter.family} transformer")
     # diffusers' from_pretrained returns fp32 weights in eval mode; the loop switches to train().

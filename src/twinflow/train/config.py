@@ -179,6 +179,7 @@ def validate(config: dict) -> None:
         raise ConfigError(str(error)) from None
     if training["lora"] is not None and training["lora"]["train_second_embedding"] and config["model"].get("single_time_embedding"):
         raise ConfigError("training.lora.train_second_embedding needs a second time embedding, but model.single_time_embedding is set")
+    _validate_weight_dtype(config)
     if not 0 <= float(training["ema_decay"]) < 1:
         raise ConfigError(f"training.ema_decay must lie in [0, 1), got {training['ema_decay']}")
     distributed = config["distributed"]
@@ -188,6 +189,21 @@ def validate(config: dict) -> None:
         raise ConfigError(f"distributed.strategy must be one of {list(STRATEGIES)}, got {distributed['strategy']!r}")
     if not isinstance(distributed["consolidate"], bool):
         raise ConfigError(f"distributed.consolidate must be true or false, got {distributed['consolidate']!r}")
+
+
+def _validate_weight_dtype(config: dict) -> None:
+    """``model.dtype: bf16`` (diffusers models) is for a frozen base under LoRA with bf16 compute."""
+    dtype = config["model"].get("dtype", "fp32")
+    if dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"model.dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    if dtype == "bf16" and config["training"]["lora"] is None:
+        raise ConfigError(
+            "model.dtype: bf16 stores the pretrained weights in bfloat16, which is for a frozen base under "
+            "training.lora; full-parameter training keeps float32 weights for the optimizer (precision: bf16 "
+            "already computes in bfloat16)"
+        )
+    if dtype == "bf16" and config["precision"] != "bf16":
+        raise ConfigError("model.dtype: bf16 needs precision: bf16 (the bfloat16 base runs under bf16 autocast)")
 
 
 def _validate_data(data: dict) -> None:

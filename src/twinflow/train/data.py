@@ -25,7 +25,7 @@ import torch.nn.functional as functional
 from torch import Tensor
 
 from twinflow.conditions import Condition
-from twinflow.data import DataConfig, ImageDataset, load_dataset
+from twinflow.data import BucketBatches, DataConfig, ImageDataset, ShuffledBatches, load_dataset
 from twinflow.data.cache import CachedLatents
 from twinflow.train.config import LATENT_CACHE
 
@@ -36,6 +36,9 @@ class TrainingData(Protocol):
     class_conditional: bool  # whether class grids can be sampled from it
 
     def __len__(self) -> int: ...
+
+    def batch_order(self, batch_size: int, seed: int) -> ShuffledBatches | BucketBatches:
+        """The seeded, resumable order of global batches (every batch must fit :meth:`batch`)."""
 
     def batch(self, indices: Tensor, device: torch.device) -> tuple[Tensor, Condition, Condition]:
         """``(data, condition, null condition)`` of the items ``indices``, on ``device``."""
@@ -58,6 +61,9 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def batch_order(self, batch_size: int, seed: int) -> ShuffledBatches:
+        return ShuffledBatches(len(self.dataset), batch_size, seed=seed)
+
     def batch(self, indices: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         images, labels = self.dataset[indices]
         labels = labels.to(device)
@@ -68,21 +74,29 @@ class LabelledImages:
 
 
 class CachedLatentData:
-    """A latent cache (:class:`~twinflow.data.cache.CachedLatents`) of one latent shape.
+    """A latent cache (:class:`~twinflow.data.cache.CachedLatents`) of one or more latent shapes.
 
-    Latents and floating-point conditions are returned in float32 (bf16 autocast, when asked,
-    applies inside the model); see the module notes for the null condition.
+    A cache of several aspect-ratio buckets is drawn one bucket per global batch
+    (:class:`~twinflow.data.BucketBatches`), so every batch stacks latents of one shape; a cache
+    of one shape keeps the plain shuffled order. Latents and floating-point conditions are
+    returned in float32 (bf16 autocast, when asked, applies inside the model); see the module
+    notes for the null condition.
     """
 
     class_conditional = False
 
     def __init__(self, cache: CachedLatents):
         self.cache = cache
-        self.latent_shape = cache.latent_shape  # one bucket only: the loop's batches ignore buckets
+        self.latent_shapes = list(cache.buckets)  # one per aspect-ratio bucket
         self.null = cache.null_condition
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def batch_order(self, batch_size: int, seed: int) -> ShuffledBatches | BucketBatches:
+        if len(self.latent_shapes) == 1:
+            return ShuffledBatches(len(self.cache), batch_size, seed=seed)
+        return BucketBatches(self.cache.bucket_ids, batch_size, seed=seed)
 
     def batch(self, indices: Tensor, device: torch.device) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         latents, condition = self.cache[indices]
@@ -103,7 +117,7 @@ class CachedLatentData:
 
     def description(self) -> dict[str, Any]:
         return {
-            "latent_cache": str(self.cache.root), "latent_shape": list(self.latent_shape),
+            "latent_cache": str(self.cache.root), "latent_shapes": [list(shape) for shape in self.latent_shapes],
             "null_condition": "cached empty prompt" if self.null is not None else "zeros (no null_condition.safetensors)",
         }
 

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from twinflow.conditions import Condition
-from twinflow.data import ShuffledBatches
 from twinflow.eval.grid import save_grid
 from twinflow.eval.plots import plot_training_curves
 from twinflow.models import count_parameters
@@ -112,7 +111,8 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
     path = get_path("linear")
     objectives = [TwinFlowObjective(phase_objective(phase, f"phases.{n}"), path) for n, phase in enumerate(config["phases"])]
     # Global batches in one seeded order on every process; each takes its slice (local_slice).
-    batches = ShuffledBatches(len(data), training["batch_size"], seed=config["seed"])
+    # A bucketed latent cache gives batches of one latent shape at a time.
+    batches = data.batch_order(training["batch_size"], config["seed"])
     # Objective noise and times: one stream per process (rank 0's is the one-process stream).
     generator = torch.Generator().manual_seed(objective_seed(config["seed"], context.rank))
     steps = total_steps(config)
