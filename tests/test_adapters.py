@@ -234,6 +234,25 @@ def test_equals_unmodified_model_when_target_time_equals_time(family):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_single_time_embedding_is_the_reference_lora_call_at_t_minus_half_r(family):
+    """The reference's LoRA method calls the unmodified model at ``t - r/2`` (its
+    ``model(x_t, t=q - tt / 2)``), on the fake trajectory too; no emb_2 exists."""
+    adapter, original = adapted(family, single_time_embedding=True)
+    assert adapter.time_embedding is None and not any(key.endswith("_2") for key in adapter.state_dict())
+    x, condition = inputs(family)
+    times = torch.tensor([0.9, 0.5, -0.6, 1.0])
+    targets = torch.tensor([0.2, 0.5, -0.6, 0.0])
+    with torch.no_grad():
+        output = adapter(x, times, targets, condition)
+        expected = FAMILIES[family].reference(original, x, times - targets / 2, condition)
+        # Z-Image's pipeline clock (1 - t) has no fake side: its reference covers t >= 0 only.
+        rows = [0, 1, 3] if family == "z_image" else [0, 1, 2, 3]
+        assert torch.allclose(output[rows], expected[rows], atol=1e-6)
+        # Not the original model at r = t (the reference's approximation): t/2 is what it sees.
+        assert not torch.allclose(adapter(x, TIMES, TIMES, condition), FAMILIES[family].reference(original, x, TIMES, condition))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_bfloat16_model_is_unchanged_at_target_time_equal_to_time(family):
     adapter, original = adapted(family)
     adapter.to(torch.bfloat16), original.to(torch.bfloat16)
