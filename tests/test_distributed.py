@@ -1,7 +1,7 @@
 """Distributed training on the CPU: 2 processes, gloo, DDP and FSDP2 (twinflow.train.distributed).
 
-The workers run in processes started with ``torch.multiprocessing.spawn`` (each joins a fresh
-gloo group on a free port) and report through files; the assertions run in the pytest process.
+The workers run in processes started by ``spawn`` (tests/spawn.py: each joins a fresh gloo
+group on a free port) and report through files; the assertions run in the pytest process.
 The last test launches ``torchrun -m twinflow.cli train`` as a user would.
 """
 
@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from spawn import WORLD, free_port, spawn
 
 from twinflow.models import UNet, build_model
 from twinflow.objective import TwinFlowObjective, objective_config
@@ -42,7 +40,6 @@ from twinflow.train.distributed import (
 from twinflow.train.logging import read_metrics
 from twinflow.train.loop import objective_loss, train
 
-WORLD = 2
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
 # 6 steps (3 flow matching + 3 TwinFlow) of an even smaller network on 8x8 digits; a global
@@ -53,40 +50,6 @@ SMALL = [
     "training.checkpoint_every=2", "training.keep_checkpoints=2", "training.log_every=2",
     "sampling.presets=[1nfe]", "sampling.per_class=1",
 ]
-
-
-# ---- process helpers ------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _entry(rank: int, port: int, worker, args: tuple) -> None:
-    """One spawned process: torchrun's environment, a gloo group, the worker, then leave."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        worker(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(worker, *args, timeout: float = 300.0) -> None:
-    """Run ``worker(rank, *args)`` in WORLD processes; a hang (a collective without its partner)
-    fails after ``timeout`` seconds instead of blocking the test run."""
-    processes = mp.start_processes(_entry, args=(_free_port(), worker, args), nprocs=WORLD, join=False,
-                                   start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not processes.join(timeout=1.0):  # raises when a process failed
-        if time.monotonic() > deadline:
-            for process in processes.processes:
-                process.kill()
-            pytest.fail(f"distributed workers still running after {timeout:.0f} s (a hang?)")
 
 
 # ---- (a) the same loss and gradients as one process --------------------------------------------
@@ -208,7 +171,7 @@ def _worker(rank: int, root: Path, configs: dict) -> None:
 def spawned(tmp_path_factory, single_thread) -> Path:
     root = tmp_path_factory.mktemp("distributed")
     configs = {strategy: load_config(TINY, SMALL + [f"distributed.strategy={strategy}"]) for strategy in ("fsdp", "ddp")}
-    _spawn(_worker, root, configs)
+    spawn(_worker, root, configs)
     return root
 
 
@@ -351,7 +314,7 @@ def test_torchrun_cli_ddp(tmp_path):
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "-m", "twinflow.cli", "train", "--config", str(TINY), "--out", str(out),
         *[item for override in SMALL + ["distributed.strategy=ddp"] for item in ("--set", override)],
     ]

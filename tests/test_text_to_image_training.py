@@ -14,6 +14,19 @@ from safetensors.torch import load_file
 
 diffusers = pytest.importorskip("diffusers")
 
+from tiny_text_to_image import (  # noqa: E402
+    CHANNELS,
+    LORA,
+    SIZE,
+    TINY,
+    TOKENS,
+    WIDTH,
+    encode_prompts,
+    identity,
+    save_tiny_transformer,
+    write_tiny_cache,
+)
+
 from twinflow.adapters import extra_state_dict, load_adapter  # noqa: E402
 from twinflow.data import cache_dataset  # noqa: E402
 from twinflow.data.cache import CachedLatents  # noqa: E402
@@ -25,59 +38,14 @@ from twinflow.train.loop import train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_text_to_image.yaml"
-CHANNELS, SIZE, TOKENS, WIDTH, ITEMS = 4, 8, 5, 16, 8
-
-
-class RandomLatents:
-    """A captioned "dataset" whose images are already latents (the identity is the VAE)."""
-
-    description = "random latents"
-
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.rand(ITEMS, CHANNELS, SIZE, SIZE, generator=generator) * 2 - 1
-        self.captions = [f"caption {index}" for index in range(ITEMS)]
-
-    def __len__(self) -> int:
-        return ITEMS
-
-    def __getitem__(self, indices: torch.Tensor):
-        return self.images[indices], [self.captions[int(index)] for index in indices]
-
-
-def identity(images: torch.Tensor) -> torch.Tensor:
-    return images.clone()
-
-
-def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
-    """Deterministic embeddings from the characters; token 0 (a "BOS") is always unmasked."""
-    embeds = torch.zeros(len(captions), TOKENS, WIDTH)
-    mask = torch.zeros(len(captions), TOKENS, dtype=torch.int64)
-    for row, caption in enumerate(captions):
-        codes = [1.0] + [ord(char) / 100 for char in caption[: TOKENS - 1]]
-        embeds[row, : len(codes)] = torch.tensor(codes)[:, None] * torch.linspace(-1, 1, WIDTH)
-        mask[row, : len(codes)] = 1
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-
-
 @pytest.fixture(scope="module")
 def transformer_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    transformer = diffusers.ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=CHANNELS, dim=32, n_layers=2,
-        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=WIDTH, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32],
-    )
-    folder = tmp_path_factory.mktemp("z_image") / "transformer"
-    transformer.save_pretrained(folder)
-    return folder
+    return save_tiny_transformer(tmp_path_factory.mktemp("z_image") / "transformer")
 
 
 @pytest.fixture(scope="module")
 def latent_cache(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cache") / "latents"
-    cache_dataset(RandomLatents(), identity, encode_prompts, folder, shard_size=5, batch_size=4, progress=False, null_prompt="")
-    return folder
+    return write_tiny_cache(tmp_path_factory.mktemp("cache") / "latents")
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +142,6 @@ def test_config_errors(transformer_folder, latent_cache):
 
 
 # -- LoRA through PEFT, the EMA teacher as a second adapter ----------------------------------
-
-LORA = "training.lora={rank: 4, alpha: 8, target_modules: [to_q, to_k, to_v, to_out.0]}"
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,10 @@ class AdapterEMATeacher(EMATeacher):
     adapter, so the frozen base weights are shared. The EMA weights live in the model's own state
     dict (``...lora_A.ema.weight``), so checkpoints need no separate EMA file (``is_copy`` is false).
     A fully trained ``emb_2`` (``train_second_embedding``) is shared with the model, not averaged.
+
+    :meth:`update` pairs the adapters' parameters of the model it is given, not those seen here:
+    FSDP's ``fully_shard`` replaces every parameter by a sharded one after the teacher is made
+    (:mod:`twinflow.train.distributed`), and each process then blends its own shards.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -87,8 +91,7 @@ class AdapterEMATeacher(EMATeacher):
             raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
         self.decay = decay
         self.working_decay = 0.0
-        self.pairs = adapter_pairs(model)
-        if decay > 0 and not self.pairs:
+        if decay > 0 and not adapter_pairs(model):
             raise ValueError("the model has no 'ema' LoRA adapter; build it with apply_lora(model, options, ema=True)")
         self.network = AdapterView(model, EMA) if decay > 0 else model
 
@@ -98,7 +101,10 @@ class AdapterEMATeacher(EMATeacher):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for teacher_parameter, parameter in self.pairs:
+        """Blend ``default`` into ``ema`` (``model``: the unwrapped model, sharded or not)."""
+        from twinflow.train.lora import adapter_pairs
+
+        for teacher_parameter, parameter in adapter_pairs(model):
             teacher_parameter.lerp_(parameter.detach(), 1.0 - self.working_decay)
         self.working_decay += (1.0 - self.working_decay) * (self.decay - self.working_decay) * 0.5
 

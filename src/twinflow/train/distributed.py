@@ -28,7 +28,12 @@ How a run with N processes relates to a run with one:
   like the model (same blocks, same mesh, same mixed precision): each process blends its own
   shards, ``teacher_shard.lerp_(model_shard)``, without any communication, and the teacher stays
   a module the objective can call. An EMA of bare local shards would need a second way to run
-  the teacher; the sharded copy needs none.
+  the teacher; the sharded copy needs none. A LoRA run's teacher is the model's second adapter
+  (``ema``): it is sharded with the model and blended shard by shard the same way.
+* **LoRA.** The frozen base and the adapters are sharded together, block by block: FSDP2
+  gathers the frozen weights for the forwards and reduce-scatters only the adapters'
+  gradients. Checkpoints hold the adapters only (:func:`stored_names`), sharded and
+  consolidated alike; the base comes from ``model.path`` again.
 * **FSDP and the objective's network calls.** The objective's number of no-gradient calls
   depends on each process's random times (e.g. the guidance call is skipped when no time falls
   in the guidance range), while every FSDP forward is a collective all-gather. So the model and
@@ -44,7 +49,8 @@ How a run with N processes relates to a run with one:
   temporary folder; after a barrier rank 0 adds ``state.json`` and ``random.safetensors`` and
   renames the folder into place, then prunes to the newest ``training.keep_checkpoints``. With
   ``distributed.consolidate: true`` (the default) rank 0 also gathers the full weights into
-  ``model.safetensors`` / ``ema.safetensors``, so ``twinflow sample`` and ``twinflow.load`` read
+  ``model.safetensors`` / ``ema.safetensors`` (a LoRA run: the adapters only, gathered without
+  the base), so ``twinflow sample``, ``twinflow.load`` and ``export_diffusers`` read
   the checkpoint like any other (this holds one full copy in rank 0's CPU memory: fine for small
   models; switch it off for large ones and use :func:`export_consolidated` later, on one
   process). The checkpoint folder must be on a file system all processes share.
@@ -67,7 +73,7 @@ from torch import Tensor, nn
 
 from twinflow.pipeline import resolve_device
 from twinflow.teacher import EMATeacher
-from twinflow.train.lora import load_model_weights, model_weights
+from twinflow.train.lora import apply_lora, is_lora, load_model_weights, model_weights
 from twinflow.train.checkpoint import (
     SHARDED_FOLDER,
     Checkpoint,
@@ -212,8 +218,22 @@ def generator_key(rank: int, world_size: int) -> str:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The items of every ``nn.ModuleList`` in ``model`` (transformer layers, U-Net blocks), innermost first."""
-    blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
+    """The blocks to shard one by one, innermost first.
+
+    A diffusers (or transformers) model names its blocks: every module whose class is listed
+    in some submodule's ``_no_split_modules`` (the unit accelerate and FSDP wrap policies keep
+    whole) or ``_repeated_blocks``, e.g. ``ZImageTransformerBlock``. Otherwise the items of
+    every ``nn.ModuleList`` (the U-Net's blocks). The named classes matter for transformers: their
+    attention keeps ``to_out`` in a ``ModuleList`` too, and sharding each output projection
+    as a unit of its own would add an all-gather per layer for one small matrix.
+    """
+    declared = {
+        name for module in model.modules()
+        for attribute in ("_no_split_modules", "_repeated_blocks") for name in (getattr(module, attribute, None) or ())
+    }
+    blocks = [module for module in model.modules() if type(module).__name__ in declared]
+    if not blocks:
+        blocks = [child for module in model.modules() if isinstance(module, nn.ModuleList) for child in module]
     return blocks[::-1]  # modules() is pre-order: reversed, nested blocks come before their parents
 
 
@@ -277,7 +297,9 @@ def wrap_teacher(teacher: EMATeacher, strategy: str, precision: str = "fp32", de
     """Make the EMA teacher follow the model's sharding (FSDP: shard the copy the same way).
 
     Call it on a teacher made from the unwrapped model, before :func:`wrap_model` shards that
-    model in place. A teacher that is the model itself needs nothing.
+    model in place. A teacher that is the model itself, or a LoRA model's ``ema`` adapter,
+    needs nothing: it is sharded with the model (and
+    :meth:`~twinflow.teacher.AdapterEMATeacher.update` blends the sharded adapters).
     """
     if strategy == "fsdp" and teacher.is_copy:
         teacher.network = wrap_model(teacher.network, "fsdp", precision, device)
@@ -374,7 +396,7 @@ def save_training_checkpoint(
         import torch.distributed.checkpoint as dcp
 
         dcp.save(_sharded_state(model, teacher, optimizer), checkpoint_id=temporary / SHARDED_FOLDER)
-        weights = _full_state(model) if consolidate else None
+        weights = _full_state(model, stored_names(model)) if consolidate else None
         ema = _full_state(teacher.network) if consolidate and teacher.is_copy else None
         checkpoint = Checkpoint(step=step, model=weights, state=state, ema=ema, random=random)
     else:
@@ -412,11 +434,16 @@ def load_training_checkpoint(
     generator.set_state(random[generator_key(context.rank, context.world_size)])
     if context.strategy == "fsdp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
         sharded = _sharded_state(model, teacher, optimizer)
         dcp.load(sharded, checkpoint_id=folder / SHARDED_FOLDER)
-        set_state_dict(model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"])
+        # A LoRA checkpoint holds the adapters only (dcp.load has checked that it has them all):
+        # the frozen base, already loaded from model.path, is "missing" on purpose.
+        options = StateDictOptions(strict=stored_names(model) is None)
+        set_state_dict(
+            model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"], options=options
+        )
         if teacher.is_copy:
             set_model_state_dict(teacher.network, sharded["ema"])
     else:
@@ -431,33 +458,76 @@ def load_training_checkpoint(
     return int(state.pop("step")), state
 
 
+def stored_names(model: nn.Module) -> set[str] | None:
+    """The model's state-dict entries a checkpoint holds: ``None`` for all of them, or for a LoRA
+    model the adapters (``default`` and ``ema``) and a trained ``emb_2`` (:func:`model_weights`).
+
+    Under FSDP the names come from the local shards, so this communicates nothing.
+    """
+    model = unwrap(model)
+    return set(model_weights(model)) if is_lora(model) else None
+
+
 def _sharded_state(model: nn.Module, teacher: EMATeacher, optimizer: torch.optim.Optimizer) -> dict:
-    """DCP state dict: this process's shards of model, optimizer and EMA (same keys on every process)."""
+    """DCP state dict: this process's shards of model, optimizer and EMA (same keys on every process).
+
+    A LoRA model's entry holds only the adapters: the frozen base would cost a copy of the
+    pretrained weights in every checkpoint.
+    """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     weights, optimizer_state = get_state_dict(model, optimizer)
+    names = stored_names(model)
+    if names is not None:
+        weights = {name: value for name, value in weights.items() if name in names}
     state = {"model": weights, "optimizer": optimizer_state}
     if teacher.is_copy:
         state["ema"] = get_model_state_dict(teacher.network)
     return state
 
 
-def _full_state(network: nn.Module) -> dict[str, Tensor]:
-    """Full weights on rank 0's CPU (an empty dict elsewhere); a collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _full_state(network: nn.Module, names: set[str] | None = None) -> dict[str, Tensor]:
+    """Full weights on rank 0's CPU (an empty dict elsewhere); a collective.
 
-    return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ``names``: only these entries (a LoRA model's adapters), gathered one by one in state-dict
+    order (the same on every process), so the frozen base is never gathered.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if names is None:
+        return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = {}
+    for name, value in network.state_dict().items():
+        if name not in names:
+            continue
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if dist.get_rank() == 0:
+            full[name] = value.detach().cpu().clone()
+    return full
+
+
+def _rebuilt_weights(architecture: dict) -> dict[str, Tensor]:
+    """A fresh model of ``architecture`` (a LoRA model with its adapters), as a checkpoint holds it:
+    the template that DCP loads the shards into."""
+    from twinflow.models import build_model
+
+    with warnings.catch_warnings():  # a diffusers emb_2 copied from emb: the load overwrites it
+        warnings.simplefilter("ignore")
+        model = build_model(architecture["name"], **architecture["config"])
+    if architecture.get("lora") is not None:
+        apply_lora(model, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
+    return model_weights(model)
 
 
 def export_consolidated(checkpoint: str | Path) -> Path:
     """Write ``model.safetensors`` (and ``ema.safetensors``) of an FSDP checkpoint from its DCP shards.
 
     Runs in one process without a process group (DCP reshards into full tensors on load), for
-    checkpoints saved with ``distributed.consolidate: false``. Returns the checkpoint folder.
+    checkpoints saved with ``distributed.consolidate: false``. A LoRA checkpoint gives its
+    adapters only, as a one-process LoRA checkpoint has them. Returns the checkpoint folder.
     """
     import torch.distributed.checkpoint as dcp
-
-    from twinflow.models import build_model
 
     folder, state = read_state(checkpoint)
     sharded = folder / SHARDED_FOLDER
@@ -465,9 +535,9 @@ def export_consolidated(checkpoint: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint {folder} has no {SHARDED_FOLDER}/ folder (not an FSDP checkpoint)")
     architecture = state["architecture"]
     stored_keys = dcp.FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
-    template = {"model": build_model(architecture["name"], **architecture["config"]).state_dict()}
+    template = {"model": _rebuilt_weights(architecture)}
     if any(key.startswith("ema.") for key in stored_keys):
-        template["ema"] = build_model(architecture["name"], **architecture["config"]).state_dict()
+        template["ema"] = _rebuilt_weights(architecture)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(template, checkpoint_id=sharded, no_dist=True)
@@ -493,6 +563,7 @@ __all__ = [
     "repeated_blocks",
     "save_training_checkpoint",
     "setup_distributed",
+    "stored_names",
     "unwrap",
     "wrap_model",
     "wrap_teacher",

@@ -1,0 +1,54 @@
+"""Run a test's distributed workers as torchrun would: WORLD processes on the CPU, one gloo group.
+
+``spawn(worker, *args)`` starts the processes with ``torch.multiprocessing`` (the ``spawn``
+start method: a fresh interpreter each, so no thread state is inherited), gives each process
+torchrun's environment and a gloo group on a free port, and calls ``worker(rank, *args)`` in
+every one. The worker and its arguments are pickled, so the worker must be a module-level
+function. Workers report through files; the assertions run in the pytest process. Import it in
+tests with ``from spawn import WORLD, free_port, spawn`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2  # processes per spawned group: the CI machine has 2 cores
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the group's rendezvous or torchrun's master)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _entry(rank: int, port: int, worker, args: tuple) -> None:
+    """One spawned process: torchrun's environment, a gloo group, the worker, then leave."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker, *args, timeout: float = 300.0) -> None:
+    """Run ``worker(rank, *args)`` in WORLD processes; a hang (a collective without its partner)
+    fails after ``timeout`` seconds instead of blocking the test run."""
+    processes = mp.start_processes(_entry, args=(free_port(), worker, args), nprocs=WORLD, join=False,
+                                   start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not processes.join(timeout=1.0):  # raises when a process failed
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            pytest.fail(f"distributed workers still running after {timeout:.0f} s (a hang?)")

@@ -1,0 +1,74 @@
+"""The tiny text-to-image set-up of the training tests: a random Z-Image transformer and a latent cache.
+
+``save_tiny_transformer(folder)`` writes a 2-layer ``ZImageTransformer2DModel`` with random
+weights (``save_pretrained``, as ``model.path`` expects) and ``write_tiny_cache(folder)`` a
+latent cache of ITEMS random latents with deterministic caption embeddings and the empty-prompt
+null condition (``cache_dataset``, as ``data.root`` expects). Both are seeded, so every test
+module (and every spawned process) that builds them gets the same weights and data.
+Import it in tests with ``from tiny_text_to_image import ...`` (pytest puts ``tests/`` on
+``sys.path``); it needs diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from twinflow.data import cache_dataset
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny_text_to_image.yaml"
+CHANNELS, SIZE, TOKENS, WIDTH, ITEMS = 4, 8, 5, 16, 8
+# A small adapter on every attention projection (the LoRA tests' training.lora override).
+LORA = "training.lora={rank: 4, alpha: 8, target_modules: [to_q, to_k, to_v, to_out.0]}"
+
+
+class RandomLatents:
+    """A captioned "dataset" whose images are already latents (the identity is the VAE)."""
+
+    description = "random latents"
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(ITEMS, CHANNELS, SIZE, SIZE, generator=generator) * 2 - 1
+        self.captions = [f"caption {index}" for index in range(ITEMS)]
+
+    def __len__(self) -> int:
+        return ITEMS
+
+    def __getitem__(self, indices: torch.Tensor):
+        return self.images[indices], [self.captions[int(index)] for index in indices]
+
+
+def identity(images: torch.Tensor) -> torch.Tensor:
+    return images.clone()
+
+
+def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
+    """Deterministic embeddings from the characters; token 0 (a "BOS") is always unmasked."""
+    embeds = torch.zeros(len(captions), TOKENS, WIDTH)
+    mask = torch.zeros(len(captions), TOKENS, dtype=torch.int64)
+    for row, caption in enumerate(captions):
+        codes = [1.0] + [ord(char) / 100 for char in caption[: TOKENS - 1]]
+        embeds[row, : len(codes)] = torch.tensor(codes)[:, None] * torch.linspace(-1, 1, WIDTH)
+        mask[row, : len(codes)] = 1
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+
+def save_tiny_transformer(folder: Path) -> Path:
+    """A random 2-layer Z-Image transformer saved into ``folder``; returns ``folder``."""
+    import diffusers
+
+    torch.manual_seed(0)
+    transformer = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=CHANNELS, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=WIDTH, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32],
+    )
+    transformer.save_pretrained(folder)
+    return folder
+
+
+def write_tiny_cache(folder: Path) -> Path:
+    """The latent cache of :class:`RandomLatents` with :func:`encode_prompts`; returns ``folder``."""
+    cache_dataset(RandomLatents(), identity, encode_prompts, folder, shard_size=5, batch_size=4, progress=False, null_prompt="")
+    return folder
