@@ -92,7 +92,7 @@ class _Stepper:
         return result.network_calls
 
 
-def _synchronise(device: torch.device) -> None:
+def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -111,11 +111,11 @@ def measure_step_costs(
     times: dict[str, list[float]] = {preset: [] for preset in PRESETS}
     for _ in range(rounds):
         for preset, objective in objectives.items():
-            _synchronise(device)
+            synchronise(device)
             start = time.perf_counter()
             for _ in range(steps):
                 stepper.step(objective)
-            _synchronise(device)
+            synchronise(device)
             times[preset].append((time.perf_counter() - start) / steps)
     return {preset: StepCost(preset, min(times[preset]), calls[preset]) for preset in PRESETS}
 
@@ -137,13 +137,13 @@ def _memory_probe(config_path: str, preset: str, batch_size: int, device: torch.
         for _ in range(steps):
             stepper.step(objective)
         return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "CUDA allocator peak"}
-    before = _peak_resident_kib()
+    before = peak_resident_kib()
     for _ in range(steps):
         stepper.step(objective)
-    return {"peak_mb": (_peak_resident_kib() - before) / 1024, "kind": "peak RSS growth over set-up"}
+    return {"peak_mb": (peak_resident_kib() - before) / 1024, "kind": "peak RSS growth over set-up"}
 
 
-def _peak_resident_kib() -> int:
+def peak_resident_kib() -> int:
     """This process's peak resident set. ``VmHWM`` first: ``ru_maxrss`` survives ``exec`` on Linux,
     so a child started by a big parent would report the parent's peak."""
     status = Path("/proc/self/status")
@@ -165,10 +165,10 @@ def _fastest_seconds(function, repeats: int, device: torch.device) -> float:
     """The fastest of ``repeats`` calls (warm up before calling this): other work only adds time."""
     values = []
     for _ in range(repeats):
-        _synchronise(device)
+        synchronise(device)
         start = time.perf_counter()
         function()
-        _synchronise(device)
+        synchronise(device)
         values.append(time.perf_counter() - start)
     return min(values)
 
