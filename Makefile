@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 OUT ?= runs/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-finetune clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/report.py --out benchmarks/results
+
+bench-finetune: venv
+	$(BIN)/python benchmarks/finetune_cost.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs
