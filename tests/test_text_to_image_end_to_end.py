@@ -184,6 +184,32 @@ def test_lora_export_generates_with_lora_and_merged_equals_it(lora_run, base, tm
     assert (outputs["merged"] - outputs["base"]).abs().max() > 1e-3
 
 
+def test_lora_file_is_what_diffusers_pipelines_load(lora_run, base, tmp_path):
+    """``pipe.load_lora_weights`` (diffusers alone, no twinflow) reads the exported LoRA: its
+    transformer equals ours at r = t, where the second time embedding does not enter."""
+    import diffusers
+
+    export = export_diffusers(lora_run, tmp_path / "adapter")
+    pipe = diffusers.ZImagePipeline.from_pretrained(str(base))
+    pipe.load_lora_weights(str(export), weight_name="pytorch_lora_weights.safetensors")
+    assert getattr(pipe.transformer, "peft_config", None)  # something was loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = load_lora_export(base, export)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=generator)
+    embeds = torch.randn(2, 6, 16, generator=generator)
+    time = torch.tensor([0.8, 0.3])
+    with torch.no_grad():
+        # ZImagePipeline's call: reversed clock 1 - t, velocity = -output.
+        theirs = pipe.transformer(list(x.unsqueeze(2).unbind(0)), 1 - time, list(embeds.unbind(0)), return_dict=False)[0]
+        expected = ours(x, time, time, {"prompt_embeds": embeds})
+        untrained = load_adapter(base)(x, time, time, {"prompt_embeds": embeds})
+    theirs = -torch.stack(theirs).squeeze(2)
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-5)
+    assert (theirs - untrained).abs().max() > 1e-3
+
+
 def test_lora_export_with_a_pipeline_is_refused(lora_run, base, tmp_path):
     with pytest.raises(ValueError, match="merge_lora"):
         export_diffusers(lora_run, tmp_path / "x", pipeline=base)

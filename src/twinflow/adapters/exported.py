@@ -8,7 +8,8 @@ An export (:func:`twinflow.train.export.export_diffusers`) is a diffusers folder
   :func:`~twinflow.adapters.load_adapter` reads the latter, so an exported folder loads as it
   was trained without the caller knowing.
 * For an unmerged LoRA export: ``pytorch_lora_weights.safetensors`` (:data:`LORA_WEIGHTS_FILE`,
-  diffusers' ``save_lora_adapter`` format) and ``twinflow_extra_weights.safetensors``
+  diffusers' pipeline LoRA format: keys ``transformer.*.lora_A.weight`` and the ``LoraConfig`` in
+  the metadata, what ``pipe.load_lora_weights(folder)`` reads) and ``twinflow_extra_weights.safetensors``
   (:data:`EXTRA_WEIGHTS_FILE`, ``emb_2`` under its released names; absent for a single-embedding
   model). :func:`load_lora_export` puts both on the pretrained transformer again.
 """
@@ -62,6 +63,6 @@ def load_lora_export(base: str | Path, export: str | Path, **from_pretrained: An
     if extra.is_file():
         load_extra_weights(adapter, extra)
     adapter.transformer.load_lora_adapter(
-        str(export), prefix=None, weight_name=LORA_WEIGHTS_FILE, adapter_name=LORA_ADAPTER_NAME
+        str(export), prefix="transformer", weight_name=LORA_WEIGHTS_FILE, adapter_name=LORA_ADAPTER_NAME
     )
     return adapter

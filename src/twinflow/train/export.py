@@ -10,10 +10,11 @@ pretrained folder it was trained from), loads the trained (or EMA) weights and w
 * else a **transformer folder** (diffusers' ``save_pretrained``: ``config.json`` plus safetensors
   with every original key and the TwinFlow extra weights under their released names,
   ``time_text_embed_2.*`` / ``t_embedder_2.*``), as the released TwinFlow checkpoints ship them;
-* for a LoRA run, the **adapter** in diffusers' LoRA format (``pytorch_lora_weights.safetensors``
-  and ``emb_2`` in ``twinflow_extra_weights.safetensors``; see :mod:`twinflow.adapters.exported`),
-  for ``twinflow generate --model BASE --lora OUT``; or with ``merge_lora`` the LoRA merged into
-  the base weights, written as a full folder as above.
+* for a LoRA run, the **adapter**: ``pytorch_lora_weights.safetensors`` in diffusers' LoRA
+  format (diffusers' own ``pipe.load_lora_weights`` reads it) and ``emb_2`` in
+  ``twinflow_extra_weights.safetensors`` (see :mod:`twinflow.adapters.exported`), for
+  ``twinflow generate --model BASE --lora OUT``; or with ``merge_lora`` the LoRA merged into the
+  base weights, written as a full folder as above.
 
 Every transformer folder gets ``twinflow.json`` (where the weights came from; whether the model
 uses the single time embedding). The export is written beside ``out_dir`` and renamed into place
@@ -144,12 +145,30 @@ def _write_lora(stored: Checkpoint, architecture: dict, out_dir: Path, use_ema: 
     adapter = _build(architecture)
     apply_lora(adapter, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
     load_model_weights(adapter, stored.model)
-    adapter.transformer.save_lora_adapter(out_dir, adapter_name=EMA if use_ema else TRAINED, weight_name=LORA_WEIGHTS_FILE)
+    save_lora_file(adapter, EMA if use_ema else TRAINED, out_dir)
     if not adapter.single_time_embedding:
         save_extra_weights(adapter, out_dir / EXTRA_WEIGHTS_FILE)
     metadata |= {"lora": architecture["lora"], "base": architecture["config"]["path"],
                  "single_time_embedding": adapter.single_time_embedding}
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def save_lora_file(adapter: TransformerAdapter, name: str, out_dir: Path) -> Path:
+    """PEFT adapter ``name`` as diffusers' pipeline-level LoRA file: keys ``transformer.<module>.lora_A.weight``
+    and the ``LoraConfig`` in the safetensors metadata, written by the family's pipeline class
+    (``ZImagePipeline.save_lora_weights``, ...), so that ``pipe.load_lora_weights(out_dir)`` reads it."""
+    import diffusers
+    from peft import get_peft_model_state_dict
+
+    from twinflow.generation.families import FAMILIES
+
+    transformer = adapter.transformer
+    pipeline_class = getattr(diffusers, FAMILIES[adapter.family].pipeline_class)
+    pipeline_class.save_lora_weights(
+        out_dir, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=name),
+        transformer_lora_adapter_metadata=transformer.peft_config[name].to_dict(), weight_name=LORA_WEIGHTS_FILE,
+    )
+    return out_dir / LORA_WEIGHTS_FILE
 
 
 def _copy_pipeline_parts(source: Path, out_dir: Path, link: bool) -> None:
