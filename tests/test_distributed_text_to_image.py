@@ -14,10 +14,16 @@ and the assertions run in the pytest process:
   DDP run of the same config; checkpoints hold the adapters only, and they consolidate and export.
 * (c) full-parameter training under FSDP2 (the EMA teacher a sharded copy): resumed equals
   uninterrupted, bitwise, and the shards consolidate into the weights the run gathered.
+* (d) LoRA with ``train_second_embedding`` (``t_embedder_2`` trains in full, in FSDP's root unit
+  next to the sharded blocks) and ``grad_accumulation: 2`` (the gradient sync skipped on the
+  first micro-step) under FSDP2: resumed equals uninterrupted, bitwise; ``t_embedder_2`` moves
+  away from its copy-initialisation; checkpoints hold the adapters and ``t_embedder_2`` only;
+  the run matches a DDP run of the same config.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -58,7 +64,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 GLOBAL_BATCH = 8  # the whole tiny cache: 4 latents per process
 STEPS = 4  # configs/tiny_text_to_image.yaml: 4 steps, checkpoints at 2 and 4
-RUNS = ("lora_fsdp", "lora_ddp", "full_fsdp")  # what the workers train (lora_ddp is not resumed)
+# What the workers train (the ddp runs are not resumed).
+RUNS = ("lora_fsdp", "lora_ddp", "full_fsdp", "emb2_accum_fsdp", "emb2_accum_ddp")
+SECOND_EMBEDDING = "transformer.t_embedder_2."  # Z-Image's emb_2, under its released name
+ACCUMULATION = 2
 GRADIENTS = {"ddp": "lora_ddp", "fsdp": "lora_fsdp", "fsdp_bf16": "lora_bf16"}  # report entry: its config
 
 
@@ -76,6 +85,14 @@ def configs(tmp_path_factory) -> dict[str, dict]:
         "full_fsdp": load_config(TINY, [*common, "distributed.strategy=fsdp"]),
         # The large-model set-up: a bfloat16 frozen base with float32 adapters in one FSDP unit.
         "lora_bf16": load_config(TINY, [*common, LORA, "model.dtype=bf16", "precision=bf16", "distributed.strategy=fsdp"]),
+        # (d): emb_2 trained in full next to the adapters, two micro-batches per step.
+        **{
+            f"emb2_accum_{strategy}": load_config(TINY, [
+                *common, LORA.replace("}", ", train_second_embedding: true}"),
+                f"training.grad_accumulation={ACCUMULATION}", f"distributed.strategy={strategy}",
+            ])
+            for strategy in ("fsdp", "ddp")
+        },
     }
 
 
@@ -351,3 +368,84 @@ def test_repeated_blocks_are_the_transformer_blocks(configs):
     expected = [*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers]
     blocks = repeated_blocks(model)
     assert sorted(map(id, blocks)) == sorted(map(id, expected))  # not each attention's to_out[0] as well
+
+
+# ---- (d) LoRA + train_second_embedding + grad_accumulation under FSDP2 ---------------------------
+
+
+def _emb2_names(config: dict) -> tuple[set[str], set[str]]:
+    """The checkpoint names of ``config`` split into (adapters, t_embedder_2)."""
+    names = _adapter_names(config)
+    second = {name for name in names if name.startswith(SECOND_EMBEDDING)}
+    return names - second, second
+
+
+def test_lora_emb2_accumulation_fsdp_resume_equals_uninterrupted(spawned, configs):
+    uninterrupted, resumed = spawned / "emb2_accum_fsdp_uninterrupted", spawned / "emb2_accum_fsdp_resumed"
+    expected, got = _weights(uninterrupted), _weights(resumed)
+    adapters, second = _emb2_names(configs["emb2_accum_fsdp"])
+    assert second and set(expected) == set(got) == adapters | second
+    different = [key for key in expected if not torch.equal(expected[key], got[key])]
+    assert not different, f"resumed weights differ in {different[:5]}"
+    assert list_checkpoints(resumed) == [checkpoint_folder(resumed, 2), checkpoint_folder(resumed, STEPS)]
+    # Two micro-batches per optimizer step: the data order is 2 * steps global batches on.
+    for step in (2, STEPS):
+        state = json.loads((checkpoint_folder(resumed, step) / "state.json").read_text())
+        assert state["data_order"] == {"epoch": ACCUMULATION * step - 1, "position": GLOBAL_BATCH}
+    timings = {"seconds_per_step", "training_seconds"}
+    first, second_run = read_metrics(uninterrupted), read_metrics(resumed)
+    assert [line["step"] for line in second_run] == [2, STEPS]
+    for a, b in zip(first, second_run):
+        assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
+
+
+def test_lora_emb2_accumulation_fsdp_trains_the_second_embedding(spawned, configs):
+    """t_embedder_2 starts as a copy of t_embedder (the pretrained folder has none) and trains in
+    full: every tensor of it differs from that copy after step 2 and it moves again by step 4;
+    the adapters train too, and the base's t_embedder stays out of the checkpoint."""
+    config = configs["emb2_accum_fsdp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(config["seed"])
+        fresh = build_backbone(config, load_training_data(config["data"]))[0].state_dict()
+    run = spawned / "emb2_accum_fsdp_uninterrupted"
+    at_two, final = _weights(run, 2), _weights(run)
+    second = sorted(key for key in final if key.startswith(SECOND_EMBEDDING))
+    assert second and not any(key.startswith("transformer.t_embedder.") for key in final)
+    for key in second:
+        initial = fresh[key.replace("t_embedder_2.", "t_embedder.")]  # the copy-initialisation
+        assert torch.equal(fresh[key], initial)
+        assert final[key].dtype == torch.float32
+        assert not torch.equal(at_two[key], initial), f"{key} did not train"
+    assert any(not torch.equal(at_two[key], final[key]) for key in second)
+    assert any(not torch.equal(at_two[key], final[key]) for key in final if ".default." in key)
+    assert any(not torch.equal(value, final[key.replace(".ema.", ".default.")])
+               for key, value in final.items() if ".ema." in key)
+
+
+def test_lora_emb2_accumulation_fsdp_checkpoints_hold_adapters_and_emb2_only(spawned, configs):
+    import torch.distributed.checkpoint as dcp
+
+    adapters, second = _emb2_names(configs["emb2_accum_fsdp"])
+    assert adapters and all(".lora_A." in name or ".lora_B." in name for name in adapters)
+    final = checkpoint_folder(spawned / "emb2_accum_fsdp_uninterrupted", STEPS)
+    stored = dcp.FileSystemReader(str(final / SHARDED_FOLDER)).read_metadata().state_dict_metadata
+    assert {key[len("model."):] for key in stored if key.startswith("model.")} == adapters | second  # no base
+    assert not any(key.startswith("ema.") for key in stored)
+    # The optimizer holds state for t_embedder_2 and the default adapter only.
+    optimized = {key.split(".", 2)[2] for key in stored if key.startswith("optimizer.state.")}
+    trained = {name for name in adapters if ".default." in name} | second
+    assert {name.rsplit(".", 1)[0] for name in optimized} == trained
+    assert set(_weights(spawned / "emb2_accum_fsdp_uninterrupted")) == adapters | second
+
+
+def test_lora_emb2_accumulation_fsdp_run_equals_the_ddp_run(spawned):
+    """As test_lora_fsdp_run_equals_the_ddp_run, with t_embedder_2 and two micro-batches."""
+    fsdp = _weights(spawned / "emb2_accum_fsdp_uninterrupted")
+    ddp = _weights(spawned / "emb2_accum_ddp_uninterrupted")
+    assert fsdp.keys() == ddp.keys()
+    for key, value in ddp.items():
+        torch.testing.assert_close(fsdp[key], value, rtol=1e-5, atol=1e-6, msg=lambda message: f"{key}: {message}")
+    fsdp_losses = [line["loss"] for line in read_metrics(spawned / "emb2_accum_fsdp_uninterrupted")]
+    ddp_losses = [line["loss"] for line in read_metrics(spawned / "emb2_accum_ddp_uninterrupted")]
+    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
