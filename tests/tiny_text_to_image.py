@@ -45,12 +45,18 @@ def identity(images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
-    """Deterministic embeddings from the characters; token 0 (a "BOS") is always unmasked."""
+    """Deterministic embeddings from the characters; token 0 (a "BOS") is always unmasked.
+
+    Each character gets its own direction (a sinusoid whose frequency is its code): Z-Image's
+    caption embedder starts with an RMSNorm, so tokens that differ only in scale would be equal.
+    """
     embeds = torch.zeros(len(captions), TOKENS, WIDTH)
     mask = torch.zeros(len(captions), TOKENS, dtype=torch.int64)
+    features = torch.arange(WIDTH, dtype=torch.float32)
     for row, caption in enumerate(captions):
         codes = [1.0] + [ord(char) / 100 for char in caption[: TOKENS - 1]]
-        embeds[row, : len(codes)] = torch.tensor(codes)[:, None] * torch.linspace(-1, 1, WIDTH)
+        for token, code in enumerate(codes):
+            embeds[row, token] = torch.sin(features * code + token)
         mask[row, : len(codes)] = 1
     return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
