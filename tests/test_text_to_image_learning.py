@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 
-from tiny_text_to_image import CHANNELS, SIZE, TINY, TOKENS, WIDTH, identity, save_tiny_transformer  # noqa: E402
+from tiny_text_to_image import CHANNELS, SIZE, TINY, encode_prompts, identity, save_tiny_transformer  # noqa: E402
 
 from twinflow.adapters import load_adapter  # noqa: E402
 from twinflow.data import cache_dataset  # noqa: E402
@@ -30,14 +30,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 RAMP = torch.linspace(-1, 1, SIZE)[None, :, None].expand(CHANNELS, SIZE, SIZE)
 TARGETS = {"horizontal": RAMP, "vertical": -RAMP.transpose(1, 2)}
 CAPTIONS = list(TARGETS)
-
-
-def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
-    """A fixed random embedding per caption, the empty prompt's too. (Directions must differ:
-    Z-Image's caption embedder starts with an RMSNorm, so embeddings equal up to scale are one prompt.)"""
-    seeds = [CAPTIONS.index(caption) + 1 if caption in CAPTIONS else 0 for caption in captions]
-    rows = [torch.randn(TOKENS, WIDTH, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
-    return {"prompt_embeds": torch.stack(rows), "prompt_embeds_mask": torch.ones(len(captions), TOKENS, dtype=torch.int64)}
 
 
 class TwoImages:
