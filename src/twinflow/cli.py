@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "trained transformer (default: the one model.path lies in)")
     export.add_argument("--merge-lora", action="store_true", help="merge a LoRA run into the base weights: a full folder")
     export.add_argument("--link", action="store_true", help="hard-link the pipeline's other parts instead of copying them")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written transformer weights")
 
     encode = commands.add_parser("encode", help="encode prompts once with the text encoder, for generate --embeddings")
     encode.add_argument("--model", required=True, help="a diffusers pipeline folder with its text encoder, or a hub id")
@@ -251,7 +252,7 @@ def command_export(arguments: argparse.Namespace) -> None:
 
     out = export_diffusers(
         arguments.checkpoint, arguments.out, use_ema=arguments.ema, pipeline=arguments.pipeline,
-        merge_lora=arguments.merge_lora, link_parts=arguments.link,
+        merge_lora=arguments.merge_lora, link_parts=arguments.link, dtype=arguments.dtype,
     )
     if (out / LORA_WEIGHTS_FILE).is_file():
         print(f"LoRA adapter: {out} (use: twinflow generate --model BASE --lora {out})")

@@ -40,6 +40,7 @@ from twinflow.adapters import (
     save_extra_weights,
 )
 from twinflow.models import build_model
+from twinflow.models.diffusers import WEIGHT_DTYPES
 from twinflow.train.checkpoint import Checkpoint, load_checkpoint
 from twinflow.train.lora import EMA, TRAINED, apply_lora, load_model_weights, merge_lora
 
@@ -55,6 +56,7 @@ def export_diffusers(
     pipeline: str | Path | None = None,
     merge_lora: bool = False,
     link_parts: bool = False,
+    dtype: str = "fp32",
 ) -> Path:
     """Write the model of ``checkpoint`` (a checkpoint folder, or a run folder: its newest) to
     ``out_dir`` (see the module notes); returns ``out_dir``.
@@ -68,7 +70,12 @@ def export_diffusers(
         link_parts: hard-link the pipeline's other parts instead of copying them (no second copy
             of a multi-GB text encoder; the files are then shared with ``pipeline``: never
             rewrite them in place). Falls back to copying across file systems.
+        dtype: ``fp32`` or ``bf16``, the dtype of the written transformer weights (``bf16``
+            halves the files, as the released checkpoints are stored; merging always runs in
+            float32 first). A LoRA file keeps the adapters' float32.
     """
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"export dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
     stored = load_checkpoint(checkpoint, full=False)
     architecture = stored.state["architecture"]
     if architecture["name"] != "diffusers":
@@ -101,8 +108,8 @@ def export_diffusers(
             transformer_dir = partial / TRANSFORMER if source is not None else partial
             if source is not None:
                 _copy_pipeline_parts(source, partial, link_parts)
-            adapter.transformer.save_pretrained(transformer_dir)
-            metadata |= {"lora_merged": lora, "single_time_embedding": adapter.single_time_embedding}
+            adapter.transformer.to(WEIGHT_DTYPES[dtype]).save_pretrained(transformer_dir)
+            metadata |= {"lora_merged": lora, "single_time_embedding": adapter.single_time_embedding, "dtype": dtype}
             (transformer_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
