@@ -138,6 +138,9 @@ def merge_lora(model: nn.Module, name: str) -> None:
         layer.merge(adapter_names=[name])
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    for module in model.modules():  # PEFT's record of the injected adapters, now gone
+        if hasattr(module, "peft_config"):
+            del module.peft_config
     model.lora = None
 
 
