@@ -275,18 +275,21 @@ def test_lora_fsdp_resume_equals_uninterrupted(spawned, configs):
         assert {k: v for k, v in a.items() if k not in timings} == {k: v for k, v in b.items() if k not in timings}
 
 
-def test_lora_fsdp_run_equals_the_ddp_run(spawned):
+@pytest.mark.parametrize("name", ["lora", "emb2_accum"], ids=["lora", "emb2_accumulation"])
+def test_lora_fsdp_run_equals_the_ddp_run(spawned, name):
     """FSDP2 (sharded adapters and optimizer, the EMA blended shard by shard) against DDP (full
-    copies) on the same data and random streams. A one-process run draws other noise (one
-    stream, not one per process), so DDP stands in for it: its gradients are one process's (a).
-    The gradient norm that clipping uses is summed in another order under FSDP (shards, then
-    across processes), so the runs agree to rounding rather than bitwise."""
-    fsdp, ddp = _weights(spawned / "lora_fsdp_uninterrupted"), _weights(spawned / "lora_ddp_uninterrupted")
+    copies) on the same data and random streams; also with t_embedder_2 trained and two
+    micro-batches. A one-process run draws other noise (one stream, not one per process), so DDP
+    stands in for it: its gradients are one process's (a). The gradient norm that clipping uses
+    is summed in another order under FSDP (shards, then across processes), so the runs agree to
+    rounding rather than bitwise."""
+    fsdp_run, ddp_run = spawned / f"{name}_fsdp_uninterrupted", spawned / f"{name}_ddp_uninterrupted"
+    fsdp, ddp = _weights(fsdp_run), _weights(ddp_run)
     assert fsdp.keys() == ddp.keys()
     for key, value in ddp.items():
         torch.testing.assert_close(fsdp[key], value, rtol=1e-5, atol=1e-6, msg=lambda message: f"{key}: {message}")
-    fsdp_losses = [line["loss"] for line in read_metrics(spawned / "lora_fsdp_uninterrupted")]
-    ddp_losses = [line["loss"] for line in read_metrics(spawned / "lora_ddp_uninterrupted")]
+    fsdp_losses = [line["loss"] for line in read_metrics(fsdp_run)]
+    ddp_losses = [line["loss"] for line in read_metrics(ddp_run)]
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
 
 
@@ -438,14 +441,3 @@ def test_lora_emb2_accumulation_fsdp_checkpoints_hold_adapters_and_emb2_only(spa
     assert {name.rsplit(".", 1)[0] for name in optimized} == trained
     assert set(_weights(spawned / "emb2_accum_fsdp_uninterrupted")) == adapters | second
 
-
-def test_lora_emb2_accumulation_fsdp_run_equals_the_ddp_run(spawned):
-    """As test_lora_fsdp_run_equals_the_ddp_run, with t_embedder_2 and two micro-batches."""
-    fsdp = _weights(spawned / "emb2_accum_fsdp_uninterrupted")
-    ddp = _weights(spawned / "emb2_accum_ddp_uninterrupted")
-    assert fsdp.keys() == ddp.keys()
-    for key, value in ddp.items():
-        torch.testing.assert_close(fsdp[key], value, rtol=1e-5, atol=1e-6, msg=lambda message: f"{key}: {message}")
-    fsdp_losses = [line["loss"] for line in read_metrics(spawned / "emb2_accum_fsdp_uninterrupted")]
-    ddp_losses = [line["loss"] for line in read_metrics(spawned / "emb2_accum_ddp_uninterrupted")]
-    assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5)
