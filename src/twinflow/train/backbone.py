@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import warnings
+
 from torch import nn
 
 from twinflow.models import build_model
@@ -54,6 +56,19 @@ def build_backbone(config: dict, data: TrainingData) -> tuple[nn.Module, dict]:
         architecture["lora"] = training["lora"]
         architecture["ema_adapter"] = float(training["ema_decay"]) > 0
     return model, architecture
+
+
+def model_from_architecture(architecture: dict, **config_overrides) -> nn.Module:
+    """The network a checkpoint's ``architecture`` record describes, before its weights are
+    loaded: the backbone (``config_overrides`` replace fields of its config) and, for a LoRA
+    run, its adapters. A diffusers ``emb_2`` starts as a copy, without the notice: the
+    checkpoint's weights overwrite it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(architecture["name"], **{**architecture["config"], **config_overrides})
+    if architecture.get("lora") is not None:
+        apply_lora(model, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
+    return model
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

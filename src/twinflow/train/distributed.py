@@ -73,7 +73,7 @@ from torch import Tensor, nn
 
 from twinflow.pipeline import resolve_device
 from twinflow.teacher import EMATeacher
-from twinflow.train.lora import apply_lora, is_lora, load_model_weights, model_weights
+from twinflow.train.lora import is_lora, load_model_weights, model_weights
 from twinflow.train.checkpoint import (
     SHARDED_FOLDER,
     Checkpoint,
@@ -510,14 +510,9 @@ def _full_state(network: nn.Module, names: set[str] | None = None) -> dict[str, 
 def _rebuilt_weights(architecture: dict) -> dict[str, Tensor]:
     """A fresh model of ``architecture`` (a LoRA model with its adapters), as a checkpoint holds it:
     the template that DCP loads the shards into."""
-    from twinflow.models import build_model
+    from twinflow.train.backbone import model_from_architecture
 
-    with warnings.catch_warnings():  # a diffusers emb_2 copied from emb: the load overwrites it
-        warnings.simplefilter("ignore")
-        model = build_model(architecture["name"], **architecture["config"])
-    if architecture.get("lora") is not None:
-        apply_lora(model, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
-    return model_weights(model)
+    return model_weights(model_from_architecture(architecture))
 
 
 def export_consolidated(checkpoint: str | Path) -> Path:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 from twinflow import __version__
@@ -39,10 +38,11 @@ from twinflow.adapters import (
     load_lora_export,
     save_extra_weights,
 )
-from twinflow.models import build_model
 from twinflow.models.diffusers import WEIGHT_DTYPES
 from twinflow.train.checkpoint import Checkpoint, load_checkpoint
-from twinflow.train.lora import EMA, TRAINED, apply_lora, load_model_weights, merge_lora
+from twinflow.train.backbone import model_from_architecture
+from twinflow.train.lora import EMA, TRAINED, load_model_weights
+from twinflow.train.lora import merge_lora as merge_into_base  # the name merge_lora is export's argument
 
 __all__ = ["EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "export_diffusers", "load_lora_export", "pipeline_folder_of"]
 
@@ -101,10 +101,12 @@ def export_diffusers(
         "weights": "ema" if use_ema else "model", "family": architecture.get("family"),
     }
     try:
+        adapter = _trained_adapter(stored, architecture, use_ema)
         if lora and not merge_lora:
-            _write_lora(stored, architecture, partial, use_ema, metadata)
+            _write_lora(adapter, architecture, partial, use_ema, metadata)
         else:
-            adapter = _trained_adapter(stored, architecture, use_ema)
+            if lora:
+                merge_into_base(adapter, EMA if use_ema else TRAINED)
             transformer_dir = partial / TRANSFORMER if source is not None else partial
             if source is not None:
                 _copy_pipeline_parts(source, partial, link_parts)
@@ -129,29 +131,18 @@ def pipeline_folder_of(model_path: str | Path) -> Path | None:
     return None
 
 
-def _build(architecture: dict) -> TransformerAdapter:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten by the checkpoint
-        config = {**architecture["config"], "dtype": "fp32"}  # export the trained weights at full precision
-        return build_model(architecture["name"], **config)
-
-
 def _trained_adapter(stored: Checkpoint, architecture: dict, use_ema: bool) -> TransformerAdapter:
-    """The adapter with the checkpoint's weights; a LoRA run's chosen adapter merged in."""
-    adapter = _build(architecture)
+    """The adapter with the checkpoint's weights, in float32 whatever ``model.dtype`` trained on
+    (a LoRA run: with its adapters, unmerged)."""
+    adapter = model_from_architecture(architecture, dtype="fp32")
     if architecture.get("lora") is None:
         adapter.load_state_dict(stored.ema if use_ema else stored.model)
-        return adapter
-    apply_lora(adapter, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
-    load_model_weights(adapter, stored.model)
-    merge_lora(adapter, EMA if use_ema else TRAINED)
+    else:
+        load_model_weights(adapter, stored.model)
     return adapter
 
 
-def _write_lora(stored: Checkpoint, architecture: dict, out_dir: Path, use_ema: bool, metadata: dict) -> None:
-    adapter = _build(architecture)
-    apply_lora(adapter, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
-    load_model_weights(adapter, stored.model)
+def _write_lora(adapter: TransformerAdapter, architecture: dict, out_dir: Path, use_ema: bool, metadata: dict) -> None:
     save_lora_file(adapter, EMA if use_ema else TRAINED, out_dir)
     if not adapter.single_time_embedding:
         save_extra_weights(adapter, out_dir / EXTRA_WEIGHTS_FILE)
