@@ -269,9 +269,11 @@ def test_global_batch_must_split_over_the_processes():
     check_world_size(config, 3)
     with pytest.raises(ConfigError, match=r"training\.batch_size \(12\).*divisible.*\(5\)"):
         check_world_size(config, 5)
-    # 2 per process cannot hold the twinflow objective's 4 slices
-    with pytest.raises(ConfigError, match=r"training\.batch_size \(12\) over 6 processes \(2 each\).*phases\.0"):
-        check_world_size(config, 6)
+    # 2 or 1 per process train the twinflow objective too: its 4 slices rotate (spec 2.1)
+    check_world_size(config, 6)
+    check_world_size(config, 12)
+    with pytest.raises(ConfigError, match=r"divisible.*\(24\), e\.g\. 24"):
+        check_world_size(config, 24)
 
 
 def test_one_process_runs_without_a_group_whatever_the_strategy(monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from twinflow.objective import TwinFlowObjective, objective_config, plan_batch, slice_sizes
+from twinflow.objective.partition import SliceSchedule, stream_position
 from twinflow.objective.losses import per_sample_loss, time_weight
 from twinflow.objective.targets import rcgm_target
 from twinflow.path import LinearPath
@@ -63,15 +64,29 @@ def reference_rcgm_residual(x_t, t, r, v, prediction, labels, order, dt=0.01):
     return (100 * (t - r) * prediction - 100 * displacement) - v
 
 
-def run(preset, seed=0, **overrides):
+def run(preset, seed=0, batch=SHAPE[0], stream_position=0, **overrides):
     generator = torch.Generator().manual_seed(seed)
-    data = torch.randn(SHAPE, generator=generator).clamp(-1, 1)
-    labels = torch.arange(SHAPE[0]) % 10
+    data = torch.randn((batch, *SHAPE[1:]), generator=generator).clamp(-1, 1)
+    labels = torch.arange(batch) % 10
     probe = Probe()
     objective = TwinFlowObjective(objective_config(preset, **overrides))
-    result = objective(probe, data, labels, torch.full_like(labels, NULL), generator=generator)
+    result = objective(probe, data, labels, torch.full_like(labels, NULL), generator=generator, stream_position=stream_position)
     result.loss.backward()
     return probe, result, data, labels
+
+
+def reference_loss_gradient(difference, config):
+    """d loss / d prediction of one sample whose ``prediction - target`` is ``difference``.
+
+    L2: ``2 d / n``. Barron, as the reference's ``barron_reweighting_loss`` writes it (alpha 1):
+    ``loss = mse * w / c`` with ``w = (mse / (c**2 + 1e-8) + 1) ** -0.5`` detached.
+    """
+    gradient = 2 * difference / difference.numel()
+    if config.loss == "barron":
+        c = config.barron_constant
+        mse = float(difference.square().mean())
+        gradient = gradient * (mse / (c**2 + 1e-8) + 1.0) ** -0.5 / c
+    return gradient
 
 
 def expected_gradient(probe, result, data, labels, config):
@@ -79,7 +94,7 @@ def expected_gradient(probe, result, data, labels, config):
     grad_calls = [call for call in probe.calls if call["grad"]]
     assert len(grad_calls) == 1, "exactly one network call may carry gradient"
     main = grad_calls[0]
-    count, dims = data.shape[0], data[0].numel()
+    count = data.shape[0]
     plan = result.plan
     prediction = probe.output.detach()
     expected = torch.zeros_like(prediction)
@@ -97,7 +112,7 @@ def expected_gradient(probe, result, data, labels, config):
             clean = x_fake[i - fake.start]
             noise = (x_t - (1 - abs(t)) * clean) / abs(t)
             target = noise - clean
-            expected[i] = 2 * (prediction[i] - target) / (dims * count)
+            expected[i] = reference_loss_gradient(prediction[i] - target, config) / count
             continue
         noise = (x_t - (1 - t) * data[i]) / t
         v = noise - data[i]
@@ -109,7 +124,7 @@ def expected_gradient(probe, result, data, labels, config):
             v = v + config.guidance_ratio * (conditional - unconditional)
         residual = reference_rcgm_residual(x_t, t, r, v, prediction[i], labels[i], config.estimate_order)
         weight = math.tan((1 - (t - r)) * math.pi / 2.5) + 1 if config.time_weighting else 1.0
-        expected[i] = weight * 2 * residual.clamp(-1, 1) / (dims * count)
+        expected[i] = weight * reference_loss_gradient(residual.clamp(-1, 1), config) / count
     one_step = plan.slice("one_step")
     if config.rectify_coefficient and one_step.stop > one_step.start:
         rectify_call = [c for c in probe.calls if not c["grad"] and c["x"].shape[0] == 2 * (one_step.stop - one_step.start)][-1]
@@ -117,7 +132,11 @@ def expected_gradient(probe, result, data, labels, config):
         out = analytic(rectify_call["x"], rectify_call["t"], rectify_call["r"], rectify_call["labels"])
         assert torch.allclose(rectify_call["t"][:n], -rectify_call["t"][n:]), "fake half at -t, real half at +t"
         delta = (out[:n] - out[n:]).clamp(-1, 1)
-        expected[one_step] += config.rectify_coefficient * 2 * delta / (dims * n)
+        # the reference: k * loss(F, F - Delta_v).mean() over the one-step samples; here the
+        # mean is over their expected number, count * share, equal to n when the batch is whole periods
+        share = config.proportions.one_step / sum(config.proportions.as_dict().values())
+        for j in range(n):
+            expected[one_step.start + j] += config.rectify_coefficient * reference_loss_gradient(delta[j], config) / (count * share)
     return expected
 
 
@@ -126,6 +145,26 @@ def test_gradient_matches_slow_reference(preset):
     probe, result, data, labels = run(preset)
     config = objective_config(preset)
     expected = expected_gradient(probe, result, data, labels, config)
+    torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset", ["twinflow", "rcgm"])
+def test_gradient_matches_reference_with_barron_loss(preset):
+    """loss: barron reweights L_base, L_adv and L_rectify alike (the reference sends all three
+    through its loss function)."""
+    probe, result, data, labels = run(preset, seed=2, loss="barron")
+    expected = expected_gradient(probe, result, data, labels, objective_config(preset, loss="barron"))
+    torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch, position", [(1, 0), (1, 3), (2, 2), (3, 1), (5, 6)])
+def test_gradient_matches_reference_for_small_rotated_batches(batch, position):
+    """Batches smaller than the four slices train: they hold the slices of their stream positions."""
+    probe, result, data, labels = run("twinflow", seed=4, batch=batch, stream_position=position)
+    pattern = ("one_step", "multi_step", "any_step", "fake")
+    held = [pattern[(position + i) % 4] for i in range(batch)]
+    assert result.plan.sizes == {name: held.count(name) for name in pattern}
+    expected = expected_gradient(probe, result, data, labels, objective_config("twinflow"))
     torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
 
 
@@ -193,13 +232,57 @@ def test_time_distribution_beta_is_used_and_reproducible():
 def test_slice_sizes_and_small_batches():
     config = objective_config("twinflow")
     assert slice_sizes(8, config) == {"one_step": 2, "multi_step": 2, "any_step": 2, "fake": 2}
-    sizes = slice_sizes(6, config)
-    assert sum(sizes.values()) == 6 and min(sizes.values()) >= 1
+    # 6 samples: two of the first two slices here, two of the last two in the next batch
+    assert slice_sizes(6, config) == {"one_step": 2, "multi_step": 2, "any_step": 1, "fake": 1}
+    assert slice_sizes(6, config, start=6) == {"one_step": 1, "multi_step": 1, "any_step": 2, "fake": 2}
     custom = objective_config("twinflow", proportions={"fake": 2.0})
     assert slice_sizes(10, custom)["fake"] == 4
-    with pytest.raises(ValueError, match="at least 4"):
-        slice_sizes(3, config)
+    assert slice_sizes(3, config) == {"one_step": 1, "multi_step": 1, "any_step": 1, "fake": 0}
+    assert slice_sizes(1, config, start=3) == {"one_step": 0, "multi_step": 0, "any_step": 0, "fake": 1}
     assert slice_sizes(1, objective_config("flow_matching")) == {"one_step": 0, "multi_step": 1, "any_step": 0, "fake": 0}
+    with pytest.raises(ValueError, match="at least one sample"):
+        slice_sizes(0, config)
+
+
+@pytest.mark.parametrize("proportions", [
+    {"one_step": 1, "multi_step": 1, "any_step": 1, "fake": 1},
+    {"one_step": 2, "multi_step": 1, "any_step": 1, "fake": 0},
+    {"one_step": 0.5, "multi_step": 1, "any_step": 0.25, "fake": 3},
+    {"one_step": 3, "multi_step": 7, "any_step": 0, "fake": 5},
+])
+def test_slice_schedule_keeps_proportions_over_every_window(proportions):
+    """Closed form: a period of sum(w) samples holds w_i of slice i, and every run of n
+    consecutive samples holds each slice within one sample of n times its share."""
+    schedule = SliceSchedule(objective_config("twinflow", proportions=proportions).proportions)
+    total = sum(proportions.values())
+    expected = {name: round(schedule.period * value / total) for name, value in proportions.items()}
+    assert schedule.counts(0, schedule.period) == expected
+    for start in range(0, 2 * schedule.period, 3):
+        for count in (1, 2, 5, schedule.period, 3 * schedule.period + 1):
+            counts = schedule.counts(start, count)
+            assert sum(counts.values()) == count
+            for name, value in proportions.items():
+                assert abs(counts[name] - count * value / total) < 2, (start, count, name)
+    # a window is the sum of its parts, whatever the split (micro-steps, ranks)
+    parts = [schedule.counts(start, 3) for start in range(5, 5 + 3 * 7, 3)]
+    assert schedule.counts(5, 21) == {name: sum(part[name] for part in parts) for name in expected}
+
+
+def test_stream_positions_cover_each_step_window_once():
+    """Steps, micro-steps, ranks and positions tile the sample stream: one optimizer step of
+    accumulation 2 over 2 processes with 1 sample each is the window of 4 stream positions."""
+    positions = [stream_position(step, micro, 2, rank, 2, 1) for step in range(3) for micro in range(2) for rank in range(2)]
+    assert positions == list(range(12))
+    assert stream_position(5, 1, 4, 3, 8, 2) == ((5 * 4 + 1) * 8 + 3) * 2
+    schedule = SliceSchedule(objective_config("twinflow").proportions)
+    for step in range(3):  # each step's window holds one sample of each slice
+        window = [schedule.counts(stream_position(step, m, 2, r, 2, 1), 1) for m in range(2) for r in range(2)]
+        assert {name: sum(counts[name] for counts in window) for name in window[0]} == dict.fromkeys(window[0], 1)
+
+
+def test_complicated_proportions_are_refused_with_the_key_named():
+    with pytest.raises(ValueError, match="objective.proportions"):
+        objective_config("twinflow", proportions={"one_step": 1 / 97, "multi_step": 1 / 89, "any_step": 1 / 83})
 
 
 def test_time_weight_closed_form():
@@ -210,14 +293,19 @@ def test_time_weight_closed_form():
 
 
 def test_barron_loss_value_and_gradient():
-    prediction = torch.randn(5, 3, requires_grad=True)
-    target = torch.randn(5, 3)
+    """The reference's barron_reweighting_loss (alpha 1, c 1e-3), written as it writes it."""
+    prediction = (torch.randn(5, 3) * torch.tensor([[1.0], [1e-2], [1e-3], [1e-4], [3.0]])).requires_grad_(True)
+    target = torch.zeros(5, 3)
     loss = per_sample_loss(prediction, target, "barron", 1e-3)
-    mse = (prediction - target).square().mean(1)
-    torch.testing.assert_close(loss, mse / torch.sqrt(mse + 1e-6))
+    c = 1e-3
+    mse = torch.mean((prediction - target) ** 2, dim=1)
+    rmse_sq_norm = mse / (c**2 + 1e-8)
+    weight = (rmse_sq_norm / abs(1.0 - 2.0) + 1.0).pow((1.0 - 2.0) / 2.0)
+    torch.testing.assert_close(loss, mse * weight.detach() / c, rtol=1e-6, atol=0)
     loss.sum().backward()
-    scale = 1 / torch.sqrt(mse.detach() + 1e-6)
-    torch.testing.assert_close(prediction.grad, (2 * (prediction - target) / 3 * scale[:, None]).detach())
+    torch.testing.assert_close(prediction.grad, (2 * prediction / 3 * weight[:, None] / c).detach(), rtol=1e-6, atol=0)
+    # about mse / sqrt(mse + c^2): the spec's approximate form, 1 % apart where mse ~ c^2
+    torch.testing.assert_close(loss, (mse / torch.sqrt(mse + c**2)).detach(), rtol=1e-2, atol=0)
 
 
 def test_rcgm_target_with_exact_teacher_is_a_fixed_point():

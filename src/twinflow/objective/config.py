@@ -56,6 +56,9 @@ class ObjectiveConfig:
         low, high = self.guidance_time_range
         if not 0 <= low <= high <= 1:
             raise ValueError(f"objective.guidance_time_range must satisfy 0 <= low <= high <= 1, got {self.guidance_time_range}")
+        from twinflow.objective.partition import integer_weights  # partition imports this module
+
+        integer_weights(p)  # the slice pattern must have a manageable period (spec 2.1 rotation)
         if self.rectify_coefficient > 0 and p.one_step == 0:
             raise ValueError("objective.rectify_coefficient > 0 needs the one_step slice (proportions.one_step > 0)")
 

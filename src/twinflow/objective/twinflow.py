@@ -14,7 +14,7 @@ from torch import Tensor
 
 from twinflow.conditions import Condition, check_batch, select
 from twinflow.objective.config import ObjectiveConfig
-from twinflow.objective.losses import per_sample_loss, squared_error, time_weight
+from twinflow.objective.losses import per_sample_loss, time_weight
 from twinflow.objective.partition import BatchPlan, plan_batch
 from twinflow.objective.targets import (
     Network,
@@ -68,7 +68,11 @@ class TwinFlowObjective:
         *,
         teacher: Network | None = None,
         generator: torch.Generator | None = None,
+        stream_position: int = 0,
     ) -> ObjectiveResult:
+        """``stream_position``: where this batch's first sample lies in the run's sample stream,
+        which decides the slices the batch holds (spec 2.1; see :mod:`twinflow.objective.partition`).
+        The default 0 gives a batch of whole periods every slice in proportion."""
         config, path = self.config, self.path
         teacher = model if teacher is None else teacher
         count = data.shape[0]
@@ -77,7 +81,7 @@ class TwinFlowObjective:
         if config.guidance_ratio > 0 and null_cond is None:
             raise ValueError("the guidance-enhanced target (objective.guidance_ratio > 0) needs null_cond")
 
-        plan = plan_batch(count, config, generator)
+        plan = plan_batch(count, config, generator, start=stream_position)
         time = plan.time.to(data)
         target_time = plan.target_time.to(data)
         real, fake = plan.real, plan.slice("fake")
@@ -123,8 +127,10 @@ class TwinFlowObjective:
             prediction[fake], velocity[fake], config.loss, config.barron_constant
         )
 
-        # L_rectify: push the one-step output along -Delta_v (2.5).
-        rectify = data.new_zeros(())
+        # L_rectify: push the one-step output along -Delta_v (2.5), through the configured loss
+        # shape as the reference does. The target is formed in float32: in bfloat16, F - Delta_v
+        # would round away most of a small Delta_v.
+        rectify_per_sample = data.new_zeros(0)
         one_step = plan.slice("one_step")
         if config.rectify_coefficient > 0 and one_step.stop > one_step.start:
             one_step_prediction = prediction[one_step]
@@ -133,15 +139,21 @@ class TwinFlowObjective:
                 model, path, samples, select(cond, one_step), generator, config.residual_clamp
             )
             calls += rectify_calls
-            rectify = squared_error(one_step_prediction, (one_step_prediction - delta).detach()).mean()
+            rectify_target = (one_step_prediction.detach().float() - delta.float())
+            rectify_per_sample = per_sample_loss(one_step_prediction, rectify_target, config.loss, config.barron_constant)
 
+        # Every term is a sum over this batch's samples divided by the batch size; L_rectify's
+        # mean over the one-step samples becomes a sum over them divided by their expected
+        # number, so that a rotated small batch weighs it as a whole batch does (spec 2.1).
         total = (base_per_sample.sum() + adversarial_per_sample.sum()) / count
-        total = total + config.rectify_coefficient * rectify
+        if rectify_per_sample.numel():
+            expected_one_step = count * plan.one_step_share
+            total = total + config.rectify_coefficient * rectify_per_sample.sum() / expected_one_step
         return ObjectiveResult(
             loss=total,
             base=_mean_or_zero(base_per_sample),
             adversarial=_mean_or_zero(adversarial_per_sample),
-            rectify=rectify.detach(),
+            rectify=_mean_or_zero(rectify_per_sample),
             network_calls=calls,
             plan=plan,
         )

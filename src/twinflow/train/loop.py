@@ -32,6 +32,7 @@ from twinflow.eval.grid import save_grid
 from twinflow.eval.plots import plot_training_curves
 from twinflow.models import count_parameters
 from twinflow.objective import ObjectiveResult, TwinFlowObjective
+from twinflow.objective.partition import stream_position
 from twinflow.path import get_path
 from twinflow.pipeline import ClassConditionalGenerator
 from twinflow.teacher import teacher_for
@@ -191,12 +192,15 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
 
         # Gradient accumulation: one optimizer step = grad_accumulation micro-batches; the
         # processes synchronise their gradients on the last one.
+        # Which objective slices a micro-batch holds follows its place in the run's sample
+        # stream, so per-process batches smaller than the four slices rotate them (spec 2.1).
         terms: dict[str, float] = {}
         for micro in range(accumulation):
             images, condition, null_condition = data.batch(context.local_slice(batches.next_indices()), device)
+            position = stream_position(step, micro, accumulation, context.rank, context.world_size, images.shape[0])
             with gradient_sync(model, micro == accumulation - 1):
                 result = objective_loss(
-                    objective, model, teacher.network, images, condition, null_condition, generator, precision
+                    objective, model, teacher.network, images, condition, null_condition, generator, precision, position
                 )
                 if not context.all_true(torch.isfinite(result.loss)):
                     loss = context.mean({"loss": float(result.loss.detach())})["loss"]
@@ -255,10 +259,13 @@ def objective_loss(
     null_condition: Condition | int,
     generator: torch.Generator,
     precision: str = "fp32",
+    stream_position: int = 0,
 ) -> ObjectiveResult:
     """One micro-batch through the objective, under bf16 autocast when asked.
 
     ``null_condition`` is the batch's null condition, or an int: the null class of class labels.
+    ``stream_position``: the micro-batch's first sample in the run's sample stream
+    (:func:`twinflow.objective.partition.stream_position`), which decides its slices.
 
     FSDP-sharded networks are gathered for the whole objective (every process enters together;
     the objective's number of calls may then differ between processes): see
@@ -267,7 +274,9 @@ def objective_loss(
     with gathered_weights(model, teacher), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if isinstance(null_condition, int):
             null_condition = torch.full_like(condition, null_condition)
-        return objective(model, images, condition, null_condition, teacher=teacher, generator=generator)
+        return objective(
+            model, images, condition, null_condition, teacher=teacher, generator=generator, stream_position=stream_position
+        )
 
 
 def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:
