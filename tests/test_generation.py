@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 from pathlib import Path
+from PIL import Image
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from twinflow.generation import (  # noqa: E402
     save_embeddings,
     save_images,
 )
+from twinflow.generation.families import FAMILIES  # noqa: E402
 from twinflow.generation.testing import build_tiny_folder  # noqa: E402
 from twinflow.sampler import sample, sampler_config  # noqa: E402
 
@@ -186,6 +188,45 @@ def test_guidance_uses_the_empty_prompt_as_null_condition(pipes, folders, tmp_pa
     assert all(largest_difference(a, b) == 0 for a, b in zip(again.images, guided.images))
     with pytest.raises(ValueError, match="empty prompt"):
         generate(without_encoder, None, embeddings=conditions, guidance_scale=3.0)
+
+
+def test_guidance_and_the_cache_use_the_reference_null_prompt_of_each_family(pipes, folders, tmp_path):
+    """Qwen-Image and SD3's unconditional prompt is "Generate an image." (the reference's
+    modeling_qwen_image.py / modeling_sd_3.py), Z-Image's the empty one; sampling-time guidance,
+    `twinflow encode` and `twinflow cache` all take it from the family."""
+    from twinflow.data.cache import CachedLatents
+    from twinflow.data import CaptionedDataConfig
+    from twinflow.train.prepare import cache_from_pipeline
+
+    assert {name: FAMILIES[name].null_prompt for name in ENCODED_FAMILIES} == {
+        "z_image": "", "sd3": "Generate an image.", "qwen_image": "Generate an image."}
+    for family in ENCODED_FAMILIES:
+        pipe = pipes[family]
+        null = pipe._null_condition(None)
+        expected = pipe.encode([FAMILIES[family].null_prompt])
+        assert all(torch.equal(null[key], value) for key, value in expected.items()), family
+    qwen = pipes["qwen_image"]
+    reference, empty = qwen.encode(["Generate an image."])["prompt_embeds"], qwen.encode([""])["prompt_embeds"]
+    assert reference.shape != empty.shape or not torch.equal(reference, empty)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((16, 16, 3), 40 * index, dtype=np.uint8)).save(images / f"{index}.png")
+        (images / f"{index}.txt").write_text(f"caption {index}")
+    cache, _ = cache_from_pipeline(
+        folders["qwen_image"], CaptionedDataConfig(source="folder", root=images, image_size=16), tmp_path / "cache",
+        device="cpu", progress=False,
+    )
+    stored = CachedLatents(tmp_path / "cache").null_condition
+    expected = qwen.encode(["Generate an image."])
+    assert torch.allclose(stored["prompt_embeds"][:, : expected["prompt_embeds"].shape[1]].float(), expected["prompt_embeds"].float())
+
+
+def test_z_image_prompts_are_encoded_up_to_1024_tokens(pipes):
+    """The reference encodes Z-Image prompts up to 1024 tokens; diffusers' default stops at 512."""
+    long_prompt = " ".join(["fox"] * 700)
+    embeds = pipes["z_image"].encode([long_prompt])["prompt_embeds"]
+    assert 512 < embeds.shape[1] <= 1024
 
 
 # -- errors ------------------------------------------------------------------------------------

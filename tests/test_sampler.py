@@ -240,14 +240,49 @@ def test_auto_stochastic_ratio_is_recomputed_every_step():
     assert not torch.allclose(result.sample, by_hand(2 * 0.2 * 0.9 / 0.7**2))
 
 
-@pytest.mark.parametrize(("kappa", "expected"), [(0.0, 8 / 27), (0.5, 7 / 18)])
-def test_extrapolation_uses_unextrapolated_previous_endpoints(kappa, expected):
-    # F = x on the grid [1, 2/3, 1/3, 0]; hand-derived: x_hat = 0, 2/9 x0, then 1/3 x0 (kappa 0.5:
-    # 1/3 + 0.5 (1/3 - 2/9) = 7/18, from the un-extrapolated 2/9; kappa 0: 8/27).
+@pytest.mark.parametrize(("kappa", "expected"), [(0.0, 81 / 256), (0.5, 0.31640625 + 0.5 * 0.03515625)])
+def test_extrapolation_from_the_third_step_and_not_on_the_last(kappa, expected):
+    # F = x on the grid [1, 3/4, 1/2, 1/4, 0], style mul, rho 0: each step multiplies x by
+    # 1 - (t - t_next) = 3/4, and x_hat = (1 - t) x. Steps 0 and 1 are never extrapolated (the
+    # reference's i > 1); step 2 extrapolates from step 1's un-extrapolated endpoints:
+    # x_hat = 0.28125 + 0.09375 k, z_hat = 0.84375 - 0.09375 k, x_3 = 0.421875 + 0.046875 k;
+    # the last step returns its own x_hat = 3/4 x_3 = 0.31640625 + 0.03515625 k (times x0).
     start = torch.randn(4, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    config = sampler_config(steps=3, extrapolation_ratio=kappa, style="mul")
+    config = sampler_config(steps=4, extrapolation_ratio=kappa, style="mul")
     result = sample(Spy(1.0), start, config=config)
     torch.testing.assert_close(result.sample, expected * start)
+
+
+def reference_extrapolating_loop(model, noise, times, kappa, style):
+    """The reference's ``sampling_loop`` (its unified_sampler.py) for order 1 and rho 0,
+    written out: x_hat is recorded before extrapolation and the last record is the sample."""
+    x, x_hats, z_hats, samples = noise.double(), [], [], []
+    for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
+        target = {"few": 0.0, "any": t_next, "mul": t_cur}[style]
+        batch = x.shape[0]
+        velocity = model(x, torch.full((batch,), t_cur, dtype=x.dtype), torch.full((batch,), target, dtype=x.dtype), None)
+        x_hat, z_hat = x - t_cur * velocity, x + (1 - t_cur) * velocity
+        samples.append(x_hat)
+        z_hats.append(z_hat)
+        x_hats.append(x_hat)
+        if i > 1:
+            z_hat = z_hat + kappa * (z_hat - z_hats[-2])
+            x_hat = x_hat + kappa * (x_hat - x_hats[-2])
+            z_hats.pop(0), x_hats.pop(0)
+        x = (1 - t_next) * x_hat + t_next * z_hat
+    return samples[-1]
+
+
+@pytest.mark.parametrize("style", ["any", "mul", "few"])
+def test_extrapolation_matches_the_reference_loop(style):
+    def model(x, t, r, cond):  # a smooth, non-exact average-velocity field
+        return torch.sin(2 * x) * (1 + t[:, None]) - 0.3 * r[:, None] * x
+
+    noise = torch.randn(8, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    config = sampler_config(steps=6, extrapolation_ratio=0.4, style=style, gaps=(0.001, 0.2))
+    expected = reference_extrapolating_loop(model, noise, time_grid(config).tolist(), 0.4, style)
+    torch.testing.assert_close(sample(model, noise, None, config).sample, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(sample(model, noise, None, replace(config, extrapolation_ratio=0.0)).sample, expected)
 
 
 @pytest.mark.parametrize("rho", [0.0, 1.0])
@@ -305,7 +340,7 @@ def test_guidance_combines_conditional_and_unconditional_in_one_call():
     result = sample(label_model(calls), start, labels, config, null_cond=null)
     assert calls == [12]  # one batched forward
     assert result.network_calls == 2  # counted as two evaluations per sample
-    guided = 3 + 1.5 * (3 - 10)
+    guided = 10 + 1.5 * (3 - 10)  # diffusers' and the reference's F_u + w (F_c - F_u)
     torch.testing.assert_close(result.sample, start - guided)  # x_hat = z - 1 * F
 
 
@@ -318,8 +353,16 @@ def test_guidance_only_inside_the_interval():
     result = sample(label_model(calls), start, labels, config, null_cond=null)
     assert calls == [6, 12]
     assert result.network_calls == 3
-    guided = 3 + 2.0 * (3 - 10)
+    guided = 10 + 2.0 * (3 - 10)
     torch.testing.assert_close(result.sample, start - 0.5 * 3 - 0.5 * guided)
+
+
+def test_guidance_scale_one_is_the_conditional_model():
+    start = torch.randn(6, 3, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    labels, null = torch.full((6,), 3), torch.full((6,), 10)
+    guided = sample(label_model([]), start, labels, sampler_config(steps=1, guidance_scale=1.0), null_cond=null)
+    plain = sample(label_model([]), start, labels, sampler_config(steps=1), null_cond=null)
+    torch.testing.assert_close(guided.sample, plain.sample)
 
 
 def test_guidance_without_null_condition_raises():

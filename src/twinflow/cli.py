@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     generate.add_argument("--batch-size", type=int, default=1, help="images per transformer batch")
     generate.add_argument("--out", type=Path, required=True, help="folder for the PNG files (<index>_<seed>.png)")
-    generate.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale (0: off, as TwinFlow models are meant to be used)")
+    generate.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale w of F_u + w (F_c - F_u), as in diffusers (0: off, as TwinFlow models are meant to be used)")
     _add_device_arguments(generate)
     generate.add_argument("--offload", action="store_true", help="model CPU offload: each model moves to the GPU only while it runs (CUDA only)")
 
@@ -270,7 +270,7 @@ def command_encode(arguments: argparse.Namespace) -> None:
         raise ValueError("give --prompt or --prompt-file")
     encoder = PromptEncoder.from_pretrained(arguments.model, device=arguments.device, dtype=arguments.dtype)
     conditions = encoder.encode(prompts, batch_size=arguments.batch_size)
-    null = encoder.encode([""])  # the unconditional input, should the file be used with guidance
+    null = encoder.encode([encoder.family.null_prompt])  # the unconditional input, should the file be used with guidance
     path = save_embeddings(arguments.out, conditions, prompts, null_condition=null, family=encoder.family.name)
     print(f"encoded {len(prompts)} prompt(s) for {encoder.family.name}: {path}")
 

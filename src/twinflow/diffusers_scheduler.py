@@ -145,7 +145,9 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         work = torch.promote_types(sample.dtype, torch.float32)
         x = sample.to(work)
         ends = self.path.recover(x, model_output.to(work), t_cur)
-        x_next = renoise(ends, self._previous, t_cur, t_next, self.sampler_config, self.path, generator, like=x)
+        x_next = renoise(
+            ends, self._previous, t_cur, t_next, self.sampler_config, self.path, generator, like=x, step_index=index
+        )
         self._previous = ends
         self._step_index += 1
         output = (x_next.to(sample.dtype), ends.data.to(sample.dtype))

@@ -12,7 +12,8 @@ Each step ``t_cur -> t_next`` of the grid (:func:`time_grid`):
    (``any``) or ``t_cur`` (``mul``);
 2. recover both endpoints, ``x_hat`` and ``z_hat`` (``path.recover``);
 3. optionally a Heun correction (order 2), see :func:`sample`;
-4. optionally extrapolate both endpoints from the previous step's (kappa);
+4. optionally extrapolate both endpoints from the previous step's (kappa), from the third step
+   on and never on the last one, as the reference does;
 5. re-noise: ``x_next = gamma(t_next) x_hat + alpha(t_next) (sqrt(1 - rho) z_hat + sqrt(rho) eps)``.
    ``rho = 0`` is the deterministic ODE-like sampler, ``rho = 1`` consistency-style sampling.
 """
@@ -76,11 +77,16 @@ class SamplerConfig:
         order: 1 (Euler-like) or 2 (Heun correction).
         stochastic_ratio: rho in [0, 1], the share of fresh noise in each re-noising, or
             ``"auto"`` for the per-step rule of :func:`step_stochastic_ratio`.
-        extrapolation_ratio: kappa; ``x_hat += kappa (x_hat - x_hat_prev)``, same for ``z_hat``.
+        extrapolation_ratio: kappa; ``x_hat += kappa (x_hat - x_hat_prev)``, same for ``z_hat``,
+            on the steps of index >= 2 (counting from 0) except the last, whose ``x_hat`` is the
+            sample: the reference's rule (its ``unified_sampler.py``), which the released models
+            were tuned with.
         time_warp: Kumaraswamy parameters (a, b, c) of the warp ``s -> (1 - (1 - s^a)^b)^c``.
         gaps: (g0, g1), the grid spans ``s`` in ``[g0, 1 - g1]`` (``t = 1 - s``).
-        guidance_scale: classifier-free guidance scale w; 0 switches guidance off. The guided
-            prediction is ``F_cond + w (F_cond - F_uncond)``.
+        guidance_scale: classifier-free guidance scale w, as diffusers and the reference define
+            it: the guided prediction is ``F_uncond + w (F_cond - F_uncond)``, so ``w = 1`` is the
+            conditional model alone. 0 switches guidance off (no unconditional call), as the
+            reference's ``cfg_scale = 0``: the way TwinFlow models are meant to be sampled.
         guidance_interval: (lo, hi); guidance only for calls whose time ``t`` has
             ``lo <= t <= hi``.
     """
@@ -310,6 +316,10 @@ class SampleResult:
 # -- the sampler -------------------------------------------------------------------------------
 
 
+EXTRAPOLATION_FIRST_STEP = 2
+"""Index (from 0) of the first step whose endpoints are extrapolated: the reference's ``i > 1``."""
+
+
 def renoise(
     ends: Endpoints,
     previous: Endpoints | None,
@@ -319,17 +329,19 @@ def renoise(
     path: Path,
     generator: Generators,
     like: Tensor,
+    step_index: int = EXTRAPOLATION_FIRST_STEP,
 ) -> Tensor:
     """The end of one sampler step: from this step's endpoints to ``x`` at ``t_next``.
 
-    Extrapolates both endpoints from the previous step's (un-extrapolated) ones by kappa, then
+    Extrapolates both endpoints from the previous step's (un-extrapolated) ones by kappa when
+    ``step_index >= 2`` and ``t_next > 0`` (the last step returns its own ``x_hat``), then
     re-noises: ``x_next = interpolate(x_hat, sqrt(1 - rho) z_hat + sqrt(rho) eps, t_next)``.
     ``like`` gives the shape, dtype and device of the fresh noise ``eps``.
     Shared by :func:`sample` and the diffusers-style scheduler.
     """
     current = ends
     kappa = config.extrapolation_ratio  # kappa in the paper
-    if kappa != 0.0 and previous is not None:
+    if kappa != 0.0 and previous is not None and step_index >= EXTRAPOLATION_FIRST_STEP and t_next > 0.0:
         current = Endpoints(
             data=ends.data + kappa * (ends.data - previous.data),
             noise=ends.noise + kappa * (ends.noise - previous.noise),
@@ -380,7 +392,7 @@ def _evaluate(
     output = output.to(x.dtype)
     if guided:
         conditional, unconditional = output[:batch], output[batch:]
-        output = conditional + config.guidance_scale * (conditional - unconditional)
+        output = unconditional + config.guidance_scale * (conditional - unconditional)
     return output, copies
 
 
@@ -463,7 +475,7 @@ def sample(
         network_calls = 0
         previous: Endpoints | None = None  # un-extrapolated endpoints of the previous step
 
-        for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        for index, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
             prediction, calls = _evaluate(
                 model, x, t_cur, target_time(config.style, t_cur, t_next),
                 cond, null_cond, config, model_dtype, time_dtype,
@@ -491,7 +503,7 @@ def sample(
                 noise_end = (x_heun - path.gamma(time_next) * data) / path.alpha(time_next)
                 ends = Endpoints(data=data, noise=noise_end)
 
-            x = renoise(ends, previous, t_cur, t_next, config, path, generator, like=x)
+            x = renoise(ends, previous, t_cur, t_next, config, path, generator, like=x, step_index=index)
             previous = ends
             if trajectory is not None:
                 trajectory.append(x.to(model_dtype))

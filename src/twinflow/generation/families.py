@@ -32,6 +32,11 @@ class Family:
     pipeline_class: ClassVar[str]  # the diffusers pipeline class named in model_index.json
     text_components: ClassVar[tuple[str, ...]]  # folder parts that only prompt encoding needs
     required_text_components: ClassVar[tuple[str, ...]]  # those that must be there to encode
+    # The "empty" prompt: the null condition of the guidance-enhanced target (spec 2.2, cached
+    # by `twinflow cache`) and the unconditional input of sampling-time guidance.
+    null_prompt: ClassVar[str] = ""
+    # Token limit of the prompt encoding; None keeps the pipeline's default.
+    max_sequence_length: ClassVar[int | None] = None
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -87,11 +92,14 @@ class ZImageFamily(Family):
     pipeline_class = "ZImagePipeline"
     text_components = ("text_encoder", "tokenizer")
     required_text_components = ("text_encoder", "tokenizer")
+    max_sequence_length = 1024  # the reference encodes up to 1024 tokens (diffusers' default: 512)
 
     def encode(self, pipeline, prompts, device):
         # ZImagePipeline returns one unpadded (L_i, D) tensor per prompt; it rewrites the list it
         # is given in place (chat template), hence the copy.
-        embeds, _ = pipeline.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=False)
+        embeds, _ = pipeline.encode_prompt(
+            list(prompts), device=device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
+        )
         return pad_rows(embeds)
 
     def patch_size(self, transformer):
@@ -103,6 +111,7 @@ class QwenImageFamily(Family):
     pipeline_class = "QwenImagePipeline"
     text_components = ("text_encoder", "tokenizer")
     required_text_components = ("text_encoder", "tokenizer")
+    null_prompt = "Generate an image."  # the reference's unconditional prompt (its modeling_qwen_image.py)
 
     def encode(self, pipeline, prompts, device):
         embeds, mask = pipeline.encode_prompt(list(prompts), device=device)
@@ -135,6 +144,7 @@ class SD3Family(Family):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     # T5 is optional: without it the pipeline uses zeros for its part of the prompt embedding.
     required_text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    null_prompt = "Generate an image."  # the reference's unconditional prompt (its modeling_sd_3.py)
 
     def encode(self, pipeline, prompts, device):
         embeds, _, pooled, _ = pipeline.encode_prompt(

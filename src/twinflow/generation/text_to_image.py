@@ -264,8 +264,9 @@ class TextToImage:
             seed: image ``i`` uses a generator seeded ``seed + i``.
             batch_size: images per transformer batch; the images do not depend on it (up to
                 floating-point rounding of batched kernels).
-            guidance_scale: classifier-free guidance (0: off, as TwinFlow models are meant to
-                be used); the empty prompt's condition is the unconditional input.
+            guidance_scale: classifier-free guidance ``F_u + w (F_c - F_u)`` (0: off, as TwinFlow
+                models are meant to be used); the unconditional input is the family's null prompt
+                (:attr:`~twinflow.generation.families.Family.null_prompt`).
             progress: a progress bar over batches.
         """
         start = time.perf_counter()
@@ -345,6 +346,6 @@ class TextToImage:
                 "guidance needs the empty prompt's embedding: load the text encoder, or use embeddings "
                 "saved with a null condition (twinflow encode stores one)"
             )
-        return self.encoder.encode([""])
+        return self.encoder.encode([self.family.null_prompt])
 
 

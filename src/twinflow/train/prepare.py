@@ -4,7 +4,8 @@ Training a large transformer should not keep its VAE and text encoder in memory,
 on every step. :func:`cache_from_pipeline` runs them once over the captioned data (a folder of
 images with same-name ``.txt`` captions, or parquet files) with the VAE and text encoder(s) of
 a diffusers pipeline folder, and writes the latents, the prompt embeddings and the empty
-prompt's embedding (the null condition of the guidance-enhanced target) to a resumable
+prompt's embedding (the null condition of the guidance-enhanced target: the family's null
+prompt, see :class:`~twinflow.generation.families.Family`) to a resumable
 safetensors cache that ``data.source: latent_cache`` trains from. The transformer's weights are
 never loaded; only its config is read, to check that every image size fits the model.
 """
@@ -51,8 +52,11 @@ def cache_from_pipeline(
         raise FileNotFoundError(f"{loaded.folder} has no text encoder to cache prompt embeddings with (needs {parts})")
     for height, width in dataset.buckets:  # fail before encoding anything, not at the first odd bucket
         loaded.family.latent_shape(loaded.pipeline, loaded.pipeline.transformer, width, height)
+    # The family's null prompt ("Generate an image." for Qwen-Image and SD3, as the reference) and
+    # token limit, the same ones generation uses.
+    family = loaded.family
     cache = cache_dataset(
-        dataset, vae_encoder(loaded.pipeline.vae), prompt_encoder(loaded.pipeline), out_dir,
-        shard_size=shard_size, batch_size=batch_size, progress=progress, overwrite=overwrite, null_prompt="",
+        dataset, vae_encoder(loaded.pipeline.vae), prompt_encoder(loaded.pipeline, family.max_sequence_length), out_dir,
+        shard_size=shard_size, batch_size=batch_size, progress=progress, overwrite=overwrite, null_prompt=family.null_prompt,
     )
     return cache, dataset
