@@ -259,7 +259,7 @@ def test_distributed_config_errors_name_the_key(override, key):
 
 def test_distributed_defaults():
     config = load_config(None, ["distributed.strategy=fsdp"])
-    assert config["distributed"] == {"strategy": "fsdp", "consolidate": True}
+    assert config["distributed"] == {"strategy": "fsdp", "consolidate": True, "find_unused_parameters": False}
     assert load_config()["distributed"]["strategy"] == "none"
 
 

@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "distributed": {
         "strategy": "none",  # none | ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard)
         "consolidate": True,  # fsdp: rank 0 also writes full model/ema safetensors in every checkpoint
+        # ddp: search the graph after every backward for parameters that got no gradient (slower);
+        # only for custom backbones with such parameters (the families here declare and freeze theirs).
+        "find_unused_parameters": False,
     },
 }
 
@@ -186,8 +189,9 @@ def validate(config: dict) -> None:
         raise ConfigError(f"distributed must be a mapping like {{strategy: ddp}}, got {distributed!r}")
     if distributed["strategy"] not in STRATEGIES:
         raise ConfigError(f"distributed.strategy must be one of {list(STRATEGIES)}, got {distributed['strategy']!r}")
-    if not isinstance(distributed["consolidate"], bool):
-        raise ConfigError(f"distributed.consolidate must be true or false, got {distributed['consolidate']!r}")
+    for key in ("consolidate", "find_unused_parameters"):
+        if not isinstance(distributed[key], bool):
+            raise ConfigError(f"distributed.{key} must be true or false, got {distributed[key]!r}")
 
 
 def _validate_weight_dtype(config: dict) -> None:

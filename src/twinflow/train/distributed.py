@@ -252,12 +252,20 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
-def wrap_model(model: nn.Module, strategy: str, precision: str = "fp32", device: torch.device | None = None) -> nn.Module:
+def wrap_model(
+    model: nn.Module, strategy: str, precision: str = "fp32", device: torch.device | None = None,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
     """Wrap a model (on its device, identical on every process) for ``strategy``.
 
     * ``none``: the model itself.
     * ``ddp``: ``DistributedDataParallel``; no buffer broadcast (the objective calls the model
-      several times per step and the backbones' buffers are constants).
+      several times per step and the backbones' buffers are constants). Every trainable
+      parameter must get a gradient in every backward: modules a family declares gradient-free
+      are frozen when the model is built (:func:`twinflow.train.backbone.freeze_modules_without_gradient`),
+      so DDP need not search the graph for unused parameters after each backward;
+      ``find_unused_parameters`` (``distributed.find_unused_parameters``) turns that search on
+      for backbones that need it.
     * ``fsdp``: ``fully_shard`` on every repeated block (:func:`repeated_blocks`), then on the
       root, in place, with :func:`mixed_precision_policy` and ``reshard_after_forward=False``
       (see :func:`gathered_weights`). The parameters become DTensors: build the optimizer after.
@@ -275,7 +283,7 @@ def wrap_model(model: nn.Module, strategy: str, precision: str = "fp32", device:
         # number of calls differs between processes; newer torch names the switch differently.
         parallel = nn.parallel.DistributedDataParallel
         switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(parallel).parameters else "broadcast_buffers"
-        return parallel(model, device_ids=device_ids, **{switch: False})
+        return parallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **{switch: False})
     from torch.distributed.device_mesh import init_device_mesh
 
     try:

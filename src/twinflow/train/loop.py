@@ -16,9 +16,11 @@ diffusers transformer behind its TwinFlow adapter, optionally with LoRA), and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from twinflow.pipeline import ClassConditionalGenerator
 from twinflow.teacher import teacher_for
 from twinflow.train.checkpoint import list_checkpoints, load_checkpoint
 from twinflow.train.backbone import build_backbone
-from twinflow.train.config import check_world_size, phase_at, phase_objective, total_steps
+from twinflow.train.config import ConfigError, check_world_size, phase_at, phase_objective, total_steps
 from twinflow.train.data import load_training_data
 from twinflow.train.distributed import (
     DistributedContext,
@@ -103,7 +105,7 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
     # The teacher copies the plain model, then follows its sharding; the optimizer comes after
     # the wrapping because FSDP replaces the parameters by sharded ones.
     teacher = wrap_teacher(teacher_for(model, float(training["ema_decay"])), strategy, precision, device)
-    model = wrap_model(model, strategy, precision, device)
+    model = wrap_model(model, strategy, precision, device, config["distributed"]["find_unused_parameters"])
     optimizer_class = torch.optim.AdamW if training["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(
         [parameter for parameter in model.parameters() if parameter.requires_grad],  # LoRA: the adapter only
@@ -198,7 +200,7 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
         for micro in range(accumulation):
             images, condition, null_condition = data.batch(context.local_slice(batches.next_indices()), device)
             position = stream_position(step, micro, accumulation, context.rank, context.world_size, images.shape[0])
-            with gradient_sync(model, micro == accumulation - 1):
+            with gradient_sync(model, micro == accumulation - 1), _unused_parameters_named(strategy):
                 result = objective_loss(
                     objective, model, teacher.network, images, condition, null_condition, generator, precision, position
                 )
@@ -284,6 +286,21 @@ def learning_rate_at(step: int, peak: float, warmup_steps: int) -> float:
     if warmup_steps and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     return peak
+
+
+@contextlib.contextmanager
+def _unused_parameters_named(strategy: str) -> Iterator[None]:
+    """DDP's error for parameters that got no gradient, as one line that says what to set."""
+    try:
+        yield
+    except RuntimeError as error:
+        if strategy != "ddp" or "find_unused_parameters" not in str(error):
+            raise
+        raise ConfigError(
+            "DDP: some trainable parameters received no gradient in the previous step (their outputs "
+            "do not reach the loss); set distributed.find_unused_parameters: true, or freeze them "
+            "(training.lora.target_modules without them)"
+        ) from None
 
 
 def _silent(*args, **kwargs) -> None:

@@ -57,11 +57,15 @@ def lora_options(options: dict | None) -> dict | None:
     return options
 
 
-def peft_config(options: dict):
-    """The ``peft.LoraConfig`` of completed :func:`lora_options`."""
+def peft_config(options: dict, exclude: list[str] | None = None):
+    """The ``peft.LoraConfig`` of completed :func:`lora_options`; ``exclude``: module names (in the
+    transformer) that get no adapter even where a target name matches."""
     from peft import LoraConfig
 
-    return LoraConfig(r=options["rank"], lora_alpha=options["alpha"], target_modules=list(options["target_modules"]))
+    return LoraConfig(
+        r=options["rank"], lora_alpha=options["alpha"], target_modules=list(options["target_modules"]),
+        exclude_modules=list(exclude) if exclude else None,
+    )
 
 
 def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
@@ -75,7 +79,10 @@ def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
     if options["train_second_embedding"] and model.single_time_embedding:
         raise ValueError("training.lora.train_second_embedding needs a second time embedding; model.single_time_embedding is set")
     model.requires_grad_(False)
-    config = peft_config(options)
+    # Modules whose outputs the transformer discards get no adapter: it could never train (and
+    # DDP would wait for its gradients).
+    exclude = [name.removeprefix("transformer.") for name in model.modules_without_gradient()]
+    config = peft_config(options, exclude)
     inject_adapter_in_model(config, transformer, adapter_name=TRAINED)
     if ema:
         with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: intended
