@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+TARGET_PRECISIONS = ("auto", "float32", "compute")
+
+
 @dataclass(frozen=True)
 class SliceProportions:
     """Relative sizes of the four batch slices (spec 2.1); 0 switches a slice off."""
@@ -39,6 +42,11 @@ class ObjectiveConfig:
     loss: str = "l2"  # "l2" or "barron"
     barron_constant: float = 1e-3  # c of the Barron-style robust loss
     image_free: bool = False  # replace real data by the model's own one-step samples
+    # Precision of the RCGM target's network calls under bf16 autocast: "float32" evaluates the
+    # teacher's sub-steps and the prediction the residual scales by 1/dt in float32 (bf16 noise
+    # in R is about 0.3 of the clamp on long jumps, measured); "compute" keeps the autocast
+    # precision (the reference); "auto" is float32 when the weights are float32, else compute.
+    target_precision: str = "auto"
 
     def __post_init__(self):
         p = self.proportions
@@ -49,6 +57,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.estimate_order must be >= 0, got {self.estimate_order}")
         if not 0 < self.small_step < 1:
             raise ValueError(f"objective.small_step must lie in (0, 1), got {self.small_step}")
+        if self.target_precision not in TARGET_PRECISIONS:
+            raise ValueError(f"objective.target_precision must be one of {list(TARGET_PRECISIONS)}, got {self.target_precision!r}")
         if self.loss not in ("l2", "barron"):
             raise ValueError(f"objective.loss must be 'l2' or 'barron', got {self.loss!r}")
         if len(self.time_distribution) != 3 or min(self.time_distribution) <= 0:

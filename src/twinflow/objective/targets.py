@@ -75,7 +75,7 @@ def rcgm_target(
     prediction = prediction.detach()
     residual = prediction - velocity
     calls = 0
-    long_jump = ((time - target_time) >= small_step).nonzero().squeeze(1)
+    long_jump = long_jumps(time, target_time, small_step)
     if order > 0 and long_jump.numel() > 0:
         x_start, v = x_t[long_jump], velocity[long_jump]
         t, r = time[long_jump], target_time[long_jump]
@@ -93,6 +93,23 @@ def rcgm_target(
         model_displacement = x_start - path.jump(x_start, prediction[long_jump], t, r)  # (t - r) F
         residual[long_jump] = (model_displacement - teacher_displacement) / small_step - v
     return prediction - residual.clamp(-clamp, clamp), calls
+
+
+def long_jumps(time: Tensor, target_time: Tensor, small_step: float) -> Tensor:
+    """Indices of the samples whose RCGM residual is the teacher-consistency one (``t - r >= dt``),
+    where the prediction enters scaled by ``(t - r) / dt``."""
+    return ((time - target_time) >= small_step).nonzero().squeeze(1)
+
+
+def in_float32(network: Network) -> Network:
+    """``network`` called with autocast off: float32 inputs give float32 compute and outputs
+    (its weights must be float32)."""
+
+    def call(x: Tensor, time: Tensor, target_time: Tensor, cond: Condition) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return network(x.float(), time, target_time, cond).float()
+
+    return call
 
 
 def one_step_samples(model: Network, path: Path, noise: Tensor, cond: Condition) -> Tensor:
@@ -121,4 +138,4 @@ def velocity_difference(
     return (fake_velocity - real_velocity).clamp(-clamp, clamp), 1
 
 
-__all__ = ["guidance_enhanced_velocity", "rcgm_target", "one_step_samples", "velocity_difference"]
+__all__ = ["guidance_enhanced_velocity", "in_float32", "long_jumps", "rcgm_target", "one_step_samples", "velocity_difference"]

@@ -19,6 +19,8 @@ from twinflow.objective.partition import BatchPlan, plan_batch
 from twinflow.objective.targets import (
     Network,
     guidance_enhanced_velocity,
+    in_float32,
+    long_jumps,
     one_step_samples,
     rcgm_target,
     velocity_difference,
@@ -112,9 +114,23 @@ class TwinFlowObjective:
         prediction = model(x_t, time, target_time, cond)
         calls += 1
 
-        # L_base: RCGM target with the teacher, weighted by the jump length (2.3, 2.7).
+        # L_base: RCGM target with the teacher, weighted by the jump length (2.3, 2.7). The
+        # residual scales the prediction and the teacher's displacement by (t - r) / dt, up to
+        # 100x: under bf16 autocast their rounding noise would then reach the clamp, so with
+        # float32 targets both are evaluated in float32 (one more call, without gradient).
+        target_prediction, target_teacher = prediction[real], teacher
+        if self._float32_targets(model, teacher, data.device.type):
+            target_teacher = in_float32(teacher)
+            long = long_jumps(time[real], target_time[real], config.small_step)
+            if long.numel():
+                target_prediction = target_prediction.detach().float().clone()
+                with torch.no_grad():
+                    target_prediction[long] = in_float32(model)(
+                        x_t[real][long], time[real][long], target_time[real][long], select(select(cond, real), long)
+                    )
+                calls += 1
         target, teacher_calls = rcgm_target(
-            teacher, path, x_t[real], time[real], target_time[real], real_velocity, prediction[real],
+            target_teacher, path, x_t[real], time[real], target_time[real], real_velocity, target_prediction,
             select(cond, real), config.estimate_order, config.small_step, config.residual_clamp,
         )
         calls += teacher_calls
@@ -157,6 +173,25 @@ class TwinFlowObjective:
             network_calls=calls,
             plan=plan,
         )
+
+
+    def _float32_targets(self, model: Network, teacher: Network, device_type: str) -> bool:
+        """Whether the RCGM target's calls run in float32 (``objective.target_precision``): only
+        under autocast and with an RCGM order > 0; ``auto`` when every weight is float32 (a
+        bf16 base or FSDP's bf16 gathered weights cannot run a float32 call)."""
+        choice = self.config.target_precision
+        if choice == "compute" or self.config.estimate_order == 0 or not torch.is_autocast_enabled(device_type):
+            return False
+        weights = [parameter.dtype for network in (model, teacher) if isinstance(network, torch.nn.Module)
+                   for parameter in network.parameters() if parameter.is_floating_point()]
+        float32 = all(dtype == torch.float32 for dtype in weights)
+        if choice == "float32" and not float32:
+            raise ValueError(
+                "objective.target_precision: float32 needs float32 weights, but the model computes with "
+                f"{sorted({str(dtype) for dtype in weights} - {'torch.float32'})} ones (model.dtype: bf16, or FSDP "
+                "with precision: bf16); use target_precision: compute or auto"
+            )
+        return float32
 
 
 def _mean_or_zero(values: Tensor) -> Tensor:
