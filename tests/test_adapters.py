@@ -300,10 +300,15 @@ EMBEDDING_ARGUMENTS = {  # what each forward passes its time embedding after the
 EMBEDDING_SCALE = {"qwen_image": 1.0, "sd3": 1000.0, "flux": 1000.0}  # Qwen-Image's embedding scales itself
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_second_embedding_is_added_as_in_the_spec(family):
+SPEC_CASES = [(family, None) for family in FAMILY_NAMES if family != "z_image"] + [
+    ("z_image", "data"), ("z_image", "reference"),  # where r = 0 lands on the reversed clock
+]
+
+
+@pytest.mark.parametrize("family, zero_time", SPEC_CASES)
+def test_second_embedding_is_added_as_in_the_spec(family, zero_time):
     """``emb(t) + emb_2(r) * (t - r)`` with each family's own scaling (spec section 5)."""
-    adapter, _ = adapted(family)
+    adapter, _ = adapted(family, **({"zero_time": zero_time} if zero_time else {}))
     perturb(adapter.second_embedding)
     wrapper = adapter.time_embedding
     first, second = wrapper.first, wrapper.second
@@ -311,7 +316,9 @@ def test_second_embedding_is_added_as_in_the_spec(family):
     extra = EMBEDDING_ARGUMENTS[family]()
     with torch.no_grad():
         if family == "z_image":  # reversed clock, 1000 (r' - t'), weight |t' - r'|
-            clock_t, clock_r = torch.sign(t) * (1 - t.abs()), torch.sign(r) * (1 - r.abs())
+            zero_sign = 1.0 if zero_time == "data" else 0.0  # r = 0 -> r' = 1 (data end) or 0 (reference)
+            sign = lambda s: torch.where(s == 0, zero_sign, torch.sign(s))  # noqa: E731
+            clock_t, clock_r = sign(t) * (1 - t.abs()), sign(r) * (1 - r.abs())
             timestep = clock_t * 1000
             expected_second = second((clock_r - clock_t) * 1000) * (clock_t - clock_r).abs()[:, None]
         else:
@@ -338,6 +345,15 @@ def test_time_conventions():
     assert torch.equal(Z_IMAGE_TIME.second_embedding_input(t, r).float(), torch.tensor([500.0, -250.0, -500.0]))
     assert torch.equal(Z_IMAGE_TIME.second_embedding_weight(t, r), torch.tensor([0.5, 0.25, 0.5]))
     assert torch.equal(TimeConvention(reversed=True, absolute_time=True).model_time(t), torch.tensor([0.25, 0.5, 0.5]))
+    # With zero_time="data", r = 0 maps to the data end r' = 1 instead: emb_2 gets 1000 (t - r), weight t.
+    data = TimeConvention(reversed=True, zero_time="data")
+    assert torch.equal(data.model_clock(torch.tensor([0.0, -0.0, 0.25, -0.25])), torch.tensor([1.0, 1.0, 0.75, -0.75]))
+    assert torch.equal(data.second_embedding_input(t, r).float(), torch.tensor([500.0, -250.0, 500.0]))
+    assert torch.equal(data.second_embedding_weight(t, r), torch.tensor([0.5, 0.25, 0.5]))
+    with pytest.raises(ValueError, match="zero_time must be one of"):
+        TimeConvention(reversed=True, zero_time="noise")
+    with pytest.raises(ValueError, match="reversed clock"):
+        TimeConvention(zero_time="data")  # a forward clock has no reversed zero to place
 
 
 def test_qwen_zero_cond_t_rows_get_no_second_term():

@@ -112,6 +112,11 @@ def test_export_is_a_pipeline_folder_that_generate_loads(full_run, base, tmp_pat
     _run("export", "--checkpoint", full_run, "--out", out)
     assert (out / "model_index.json").is_file() and (out / "vae").is_dir() and (out / "text_encoder").is_dir()
     assert read_metadata(out / "transformer")["step"] == 4
+    # Trained from a base transformer: r = 0 is the data end of Z-Image's clock (continuous at
+    # r = 0), recorded by the export and followed by loading, though transformer/ now holds
+    # t_embedder_2 like a released checkpoint (which would read r = 0 the reference way).
+    assert read_metadata(out / "transformer")["z_image_zero_time"] == "data"
+    assert load_adapter(out).time_convention.zero_time == "data"
     image = np.asarray(_generate(out, tmp_path / "images"))
     assert image.shape == (SIZE, SIZE, 3)
 
@@ -145,6 +150,7 @@ def test_export_finds_the_pipeline_of_model_path_or_takes_one(full_run, base, tm
     assert (bare / "model_index.json").is_file()  # model.path is base/transformer: its pipeline is found
     config = json.loads((checkpoint_folder(full_run, 4) / "state.json").read_text())["architecture"]["config"]
     assert Path(config["path"]).name == "transformer"
+    assert config["z_image_zero_time"] == "data"  # resolved when the run started, recorded in the checkpoint
     linked = export_diffusers(full_run, tmp_path / "linked", pipeline=base, link_parts=True)
     vae_file = next((base / "vae").glob("*.safetensors"))
     assert (linked / "vae" / vae_file.name).stat().st_ino == vae_file.stat().st_ino  # hard link, no copy
@@ -193,6 +199,8 @@ def test_lora_export_generates_with_lora_and_merged_equals_it(lora_run, base, tm
         }
     with torch.no_grad():
         outputs = {name: network(x, 0.8, 0.3, condition) for name, network in networks.items()}
+    assert read_metadata(adapter_dir)["z_image_zero_time"] == "data"
+    assert all(networks[name].time_convention.zero_time == "data" for name in ("lora", "merged", "base"))
     torch.testing.assert_close(outputs["merged"], outputs["lora"], atol=1e-5, rtol=1e-5)
     assert (outputs["merged"] - outputs["base"]).abs().max() > 1e-3
 

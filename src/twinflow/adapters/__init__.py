@@ -7,17 +7,27 @@ wrapped around the model's own (``base``); the extra weights are saved and loade
 released key names (``weights``). Nothing here imports diffusers except :func:`load_adapter`.
 """
 
-from twinflow.adapters.base import TargetTimeEmbedding, TimeConvention, TransformerAdapter
+from twinflow.adapters.base import ZERO_TIMES, TargetTimeEmbedding, TimeConvention, TransformerAdapter
 from twinflow.adapters.exported import (
     EXTRA_WEIGHTS_FILE,
     LORA_WEIGHTS_FILE,
     METADATA_FILE,
+    ZERO_TIME_KEY,
     load_lora_export,
     read_metadata,
+    recorded_zero_time,
+    time_metadata,
 )
 from twinflow.adapters.flux import FLUX_TIME, FluxAdapter
 from twinflow.adapters.qwen_image import QWEN_IMAGE_TIME, QwenImageAdapter
-from twinflow.adapters.registry import ADAPTERS, adapter_for, build_adapter, family_of, load_adapter
+from twinflow.adapters.registry import (
+    ADAPTERS,
+    adapter_for,
+    build_adapter,
+    family_of,
+    load_adapter,
+    transformer_family,
+)
 from twinflow.adapters.sd3 import SD3_TIME, SD3Adapter
 from twinflow.adapters.weights import (
     extra_state_dict,
@@ -26,7 +36,7 @@ from twinflow.adapters.weights import (
     save_extra_weights,
     weight_files,
 )
-from twinflow.adapters.z_image import Z_IMAGE_TIME, ZImageAdapter
+from twinflow.adapters.z_image import Z_IMAGE_TIME, ZImageAdapter, resolve_zero_time
 
 __all__ = [
     "ADAPTERS",
@@ -36,6 +46,8 @@ __all__ = [
     "FLUX_TIME",
     "QWEN_IMAGE_TIME",
     "SD3_TIME",
+    "ZERO_TIMES",
+    "ZERO_TIME_KEY",
     "Z_IMAGE_TIME",
     "FluxAdapter",
     "QwenImageAdapter",
@@ -53,6 +65,10 @@ __all__ = [
     "load_extra_weights",
     "load_lora_export",
     "read_metadata",
+    "recorded_zero_time",
+    "resolve_zero_time",
     "save_extra_weights",
+    "time_metadata",
+    "transformer_family",
     "weight_files",
 ]

@@ -26,7 +26,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TargetTimeEmbedding", "TimeConvention", "TransformerAdapter", "pack_patches", "unpack_patches"]
+__all__ = [
+    "ZERO_TIMES", "TargetTimeEmbedding", "TimeConvention", "TransformerAdapter", "pack_patches", "unpack_patches",
+]
+
+
+ZERO_TIMES = ("reference", "data")
+"""Where ``t = 0`` lands on a reversed clock (:attr:`TimeConvention.zero_time`)."""
 
 
 @dataclass(frozen=True)
@@ -44,17 +50,45 @@ class TimeConvention:
             gets ``emb_2((r' - t') * embedding_scale) * |t' - r'|`` and the output is negated.
         absolute_time: feed ``|t'|`` rather than ``t'`` to the first embedding, as the reference
             Z-Image code does; this loses the sign of ``t`` whenever ``r = t``.
+        zero_time: what ``sign(0)`` is on a reversed clock, i.e. where ``t = 0`` (in practice the
+            one-step target ``r = 0``) lands; ignored on a forward clock, where it must stay
+            ``"reference"``. Spec section 5:
+
+            * ``"reference"``: ``torch.sign(0) = 0``, so ``r = 0`` maps to ``r' = 0``, the *noise*
+              end of the reversed clock, as the reference code does. Then ``F(z, 1, 0) = F(z, 1, 1)``
+              and a ``few``-style call at ``t < 1`` gives ``emb_2`` the argument ``-t' * 1000``
+              where every ``r > 0`` gives ``(t - r) * 1000 >= 0``: a jump at ``r = 0``. The
+              released TwinFlow-Z-Image weights were trained and are sampled this way, so their
+              inference keeps it, bitwise.
+            * ``"data"``: zero counts as positive time, ``r = 0`` maps to ``r' = 1`` (the data
+              end): continuous in ``r`` at 0, and the one-step target reaches ``emb_2``. The
+              convention of models trained here from a base transformer.
+
+            The two agree exactly for every ``t != 0``; the fake trajectory never has ``t = 0``
+            or ``r = 0``, so only the real one-step target differs.
     """
 
     forward_scale: float = 1.0
     embedding_scale: float = 1000.0
     reversed: bool = False
     absolute_time: bool = False
+    zero_time: str = "reference"
+
+    def __post_init__(self) -> None:
+        if self.zero_time not in ZERO_TIMES:
+            raise ValueError(f"zero_time must be one of {list(ZERO_TIMES)}, got {self.zero_time!r}")
+        if self.zero_time != "reference" and not self.reversed:
+            raise ValueError("zero_time only applies to a reversed clock (Z-Image); this convention has none")
 
     def model_clock(self, time: Tensor) -> Tensor:
-        """``t``, or ``sign(t) * (1 - |t|)`` on a reversed clock (``torch.sign(0) = 0``, so
-        ``t = 0`` maps to 0 as in the reference code the released weights come from)."""
-        return torch.sign(time) * (1 - time.abs()) if self.reversed else time
+        """``t``, or ``sign(t) * (1 - |t|)`` on a reversed clock, with ``sign(0)`` as
+        :attr:`zero_time` says: 0 (``"reference"``, ``torch.sign``) or 1 (``"data"``)."""
+        if not self.reversed:
+            return time
+        if self.zero_time == "data":
+            remaining = 1 - time.abs()
+            return torch.where(time >= 0, remaining, -remaining)  # -0.0 >= 0 too: the data end
+        return torch.sign(time) * (1 - time.abs())
 
     def model_time(self, time: Tensor) -> Tensor:
         """The ``timestep`` argument of the transformer's ``forward``."""
@@ -213,6 +247,13 @@ class TransformerAdapter(nn.Module):
             raise TypeError(
                 f"{cls.__name__} adapts {' / '.join(cls.class_names)}, got {type(transformer).__name__}"
             )
+
+    def modules_without_gradient(self) -> list[str]:
+        """Modules (names in this adapter) whose parameters never receive a gradient through
+        ``F``: their outputs are discarded by the transformer's own ``forward``. Training
+        freezes them and LoRA leaves them out, so DDP needs no search for unused parameters in
+        every backward. None for most families."""
+        return []
 
     @property
     def second_embedding_name(self) -> str:

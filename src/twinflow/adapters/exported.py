@@ -3,10 +3,12 @@
 An export (:func:`twinflow.train.export.export_diffusers`) is a diffusers folder; TwinFlow adds:
 
 * ``twinflow.json`` (:data:`METADATA_FILE`) beside the transformer's ``config.json``: where the
-  weights came from (checkpoint, step, model or EMA weights, LoRA merged or not) and whether the
-  model uses the single time embedding (spec section 4), which diffusers' config cannot say.
-  :func:`~twinflow.adapters.load_adapter` reads the latter, so an exported folder loads as it
-  was trained without the caller knowing.
+  weights came from (checkpoint, step, model or EMA weights, LoRA merged or not) and how the
+  model reads time, which diffusers' config cannot say (:func:`time_metadata`): whether it uses
+  the single time embedding (spec section 4) and, for Z-Image, where the target time ``r = 0``
+  lands on its reversed clock (``z_image_zero_time``, see :mod:`twinflow.adapters.z_image`).
+  :func:`~twinflow.adapters.load_adapter` and :func:`load_lora_export` follow both, so an
+  exported folder loads as it was trained without the caller knowing.
 * For an unmerged LoRA export: ``pytorch_lora_weights.safetensors`` (:data:`LORA_WEIGHTS_FILE`,
   diffusers' pipeline LoRA format: keys ``transformer.*.lora_A.weight`` and the ``LoraConfig`` in
   the metadata, what ``pipe.load_lora_weights(folder)`` reads) and ``twinflow_extra_weights.safetensors``
@@ -23,12 +25,16 @@ from typing import Any
 
 from twinflow.adapters.base import TransformerAdapter
 
-__all__ = ["EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "METADATA_FILE", "load_lora_export", "read_metadata"]
+__all__ = [
+    "EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "METADATA_FILE", "ZERO_TIME_KEY", "load_lora_export", "read_metadata",
+    "recorded_zero_time", "time_metadata",
+]
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA adapter
 EXTRA_WEIGHTS_FILE = "twinflow_extra_weights.safetensors"
 METADATA_FILE = "twinflow.json"
 LORA_ADAPTER_NAME = "default"  # the PEFT adapter a loaded LoRA export becomes (active)
+ZERO_TIME_KEY = "z_image_zero_time"  # in twinflow.json, as in a training config's model section
 
 
 def read_metadata(folder: str | Path) -> dict[str, Any]:
@@ -45,10 +51,32 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def load_lora_export(base: str | Path, export: str | Path, **from_pretrained: Any) -> TransformerAdapter:
+def time_metadata(adapter: TransformerAdapter) -> dict[str, Any]:
+    """What ``twinflow.json`` records about how ``adapter`` reads time: ``single_time_embedding``
+    and, for Z-Image, :data:`ZERO_TIME_KEY` (its ``TimeConvention.zero_time``)."""
+    record: dict[str, Any] = {"single_time_embedding": adapter.single_time_embedding}
+    if adapter.family == "z_image":
+        record[ZERO_TIME_KEY] = adapter.time_convention.zero_time
+    return record
+
+
+def recorded_zero_time(metadata: dict[str, Any], family: str | None) -> str:
+    """The Z-Image ``zero_time`` an export's ``twinflow.json`` records; ``auto`` when there is no
+    export (empty ``metadata``) or the family is not Z-Image. An export without the key predates
+    the choice and was trained with the reference convention, the only one there was."""
+    if family != "z_image" or not metadata:
+        return "auto"
+    return metadata.get(ZERO_TIME_KEY, "reference")
+
+
+def load_lora_export(
+    base: str | Path, export: str | Path, *, z_image_zero_time: str = "auto", **from_pretrained: Any
+) -> TransformerAdapter:
     """The adapter of the pretrained folder ``base`` (a transformer or pipeline folder) with a
     LoRA export on it: the PEFT adapter ``default`` (active) and the exported ``emb_2``. An export
-    without ``emb_2`` comes from a single-time-embedding run and gives that adapter.
+    without ``emb_2`` comes from a single-time-embedding run and gives that adapter. A Z-Image
+    model reads ``r = 0`` as the export's ``twinflow.json`` records, unless ``z_image_zero_time``
+    (``reference`` / ``data``) says otherwise.
     ``from_pretrained`` goes to the transformer's ``from_pretrained`` (``dtype``, ...)."""
     from twinflow.adapters.registry import load_adapter
     from twinflow.adapters.weights import load_extra_weights
@@ -57,9 +85,14 @@ def load_lora_export(base: str | Path, export: str | Path, **from_pretrained: An
     if not (export / LORA_WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{export} is not a LoRA export: it has no {LORA_WEIGHTS_FILE}")
     extra = export / EXTRA_WEIGHTS_FILE
+    if z_image_zero_time == "auto":
+        metadata = read_metadata(export)
+        z_image_zero_time = recorded_zero_time(metadata, metadata.get("family"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten just below
-        adapter = load_adapter(base, single_time_embedding=not extra.is_file(), **from_pretrained)
+        adapter = load_adapter(
+            base, single_time_embedding=not extra.is_file(), z_image_zero_time=z_image_zero_time, **from_pretrained
+        )
     if extra.is_file():
         load_extra_weights(adapter, extra)
     adapter.transformer.load_lora_adapter(

@@ -9,7 +9,10 @@ diffusers 0.42 facts this relies on:
   (``Timesteps(..., scale=1000)``), so the pipeline passes ``sigma = t`` in [0, 1]; TwinFlow's
   signed ``t`` in [-1, 1] goes in unchanged, and ``emb_2`` gets ``r``;
 * latents are packed 2 x 2: (B, C, H, W) -> (B, H/2 * W/2, 4C) with ``img_shapes`` =
-  ``[[(1, H/2, W/2)]] * B``; the output comes back in the same packed layout.
+  ``[[(1, H/2, W/2)]] * B``; the output comes back in the same packed layout;
+* every block updates both streams, but ``forward`` returns only the image stream: the last
+  block's text-only modules (``attn.to_add_out``, ``txt_mlp``) compute outputs nobody reads,
+  so their parameters never get a gradient (:meth:`QwenImageAdapter.modules_without_gradient`).
 
 The released TwinFlow-Qwen-Image weights add ``time_text_embed_2.*`` (a second
 ``QwenTimestepProjEmbeddings``): ``temb = emb(t) + emb_2(r) * (t - r)``.
@@ -40,6 +43,10 @@ class QwenImageAdapter(TransformerAdapter):
     default_time_convention = QWEN_IMAGE_TIME
     condition_keys = ("prompt_embeds",)
     optional_condition_keys = ("prompt_embeds_mask",)
+
+    def modules_without_gradient(self) -> list[str]:
+        last = f"transformer.transformer_blocks.{len(self.transformer.transformer_blocks) - 1}"
+        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
 
     def run_transformer(self, x: Tensor, timestep: Tensor, condition: Any) -> Tensor:
         parts = self.condition_parts(condition)

@@ -9,14 +9,14 @@ from typing import Any
 from torch import nn
 
 from twinflow.adapters.base import TransformerAdapter
-from twinflow.adapters.exported import read_metadata
+from twinflow.adapters.exported import read_metadata, recorded_zero_time
 from twinflow.adapters.flux import FluxAdapter
 from twinflow.adapters.qwen_image import QwenImageAdapter
 from twinflow.adapters.sd3 import SD3Adapter
 from twinflow.adapters.weights import find_extra_weights
 from twinflow.adapters.z_image import ZImageAdapter
 
-__all__ = ["ADAPTERS", "adapter_for", "build_adapter", "family_of", "load_adapter"]
+__all__ = ["ADAPTERS", "adapter_for", "build_adapter", "family_of", "load_adapter", "transformer_family"]
 
 ADAPTERS: dict[str, type[TransformerAdapter]] = {
     adapter.family: adapter for adapter in (QwenImageAdapter, ZImageAdapter, SD3Adapter, FluxAdapter)
@@ -50,8 +50,27 @@ def adapter_for(transformer: nn.Module, **options: Any) -> TransformerAdapter:
     return build_adapter(family_of(transformer), transformer, **options)
 
 
+def _transformer_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    return folder / "transformer" if (folder / "transformer").is_dir() else folder
+
+
+def _class_name(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["_class_name"]
+
+
+def transformer_family(path: str | Path) -> str:
+    """The family of the transformer in a transformer folder (or a pipeline's ``transformer/``),
+    from the class named in its ``config.json``; nothing is loaded."""
+    return _family_of_class_names([_class_name(_transformer_folder(path))])
+
+
 def load_adapter(
-    path: str | Path, *, single_time_embedding: bool | None = None, **from_pretrained: Any
+    path: str | Path,
+    *,
+    single_time_embedding: bool | None = None,
+    z_image_zero_time: str = "auto",
+    **from_pretrained: Any,
 ) -> TransformerAdapter:
     """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
 
@@ -61,17 +80,32 @@ def load_adapter(
     ``emb_2`` and a warning. ``single_time_embedding`` builds the LoRA variant without ``emb_2``
     (see :class:`~twinflow.adapters.TransformerAdapter`); no extra weights are read then.
     ``None`` takes it from the folder's ``twinflow.json`` (an export of such a run), else ``False``.
+
+    ``z_image_zero_time`` (Z-Image only; see :mod:`twinflow.adapters.z_image`) is where the
+    target time ``r = 0`` lands on the reversed clock: ``reference`` or ``data``; ``auto``
+    follows the weights: the folder's ``twinflow.json`` (an export of this project), else
+    ``reference`` when the folder holds ``t_embedder_2`` (a released TwinFlow checkpoint, read
+    bitwise as the reference code does) and ``data`` when it does not (a base model, trained
+    here). ``reference`` / ``data`` for another family is a ``ValueError``.
     """
     import diffusers  # the optional extra: pip install "twinflow[diffusers]"
 
-    folder = Path(path)
-    folder = folder / "transformer" if (folder / "transformer").is_dir() else folder
-    class_name = json.loads((folder / "config.json").read_text())["_class_name"]
+    folder = _transformer_folder(path)
+    class_name = _class_name(folder)
     family = _family_of_class_names([class_name])
+    if z_image_zero_time != "auto" and family != ZImageAdapter.family:
+        raise ValueError(
+            f"z_image_zero_time={z_image_zero_time!r} applies to Z-Image only; {folder} holds a {family} transformer"
+        )
+    metadata = read_metadata(folder)
     if single_time_embedding is None:
-        single_time_embedding = bool(read_metadata(folder).get("single_time_embedding", False))
+        single_time_embedding = bool(metadata.get("single_time_embedding", False))
+    options: dict[str, Any] = {}
+    if family == ZImageAdapter.family:
+        zero_time = recorded_zero_time(metadata, family) if z_image_zero_time == "auto" else z_image_zero_time
+        options["zero_time"] = zero_time  # still "auto" without twinflow.json: the weights decide
     transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **from_pretrained)
     if single_time_embedding:
-        return build_adapter(family, transformer, single_time_embedding=True)
+        return build_adapter(family, transformer, single_time_embedding=True, **options)
     extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")
-    return build_adapter(family, transformer, extra_weights=extra or None)
+    return build_adapter(family, transformer, extra_weights=extra or None, **options)

@@ -55,17 +55,35 @@ def build_backbone(config: dict, data: TrainingData) -> tuple[nn.Module, dict]:
         apply_lora(model, training["lora"], ema=float(training["ema_decay"]) > 0)
         architecture["lora"] = training["lora"]
         architecture["ema_adapter"] = float(training["ema_decay"]) > 0
+    else:
+        freeze_modules_without_gradient(model)
     return model, architecture
+
+
+def freeze_modules_without_gradient(model: nn.Module) -> list[str]:
+    """Freeze what a family declares never gets a gradient (its outputs are discarded, e.g.
+    Qwen-Image's last text-stream modules), so that DDP's reducer does not wait for it and the
+    optimizer holds no state for it; their values are unchanged, as training would leave them.
+    Returns the frozen module names."""
+    names = model.modules_without_gradient() if hasattr(model, "modules_without_gradient") else []
+    for name in names:
+        model.get_submodule(name).requires_grad_(False)
+    return names
 
 
 def model_from_architecture(architecture: dict, **config_overrides) -> nn.Module:
     """The network a checkpoint's ``architecture`` record describes, before its weights are
     loaded: the backbone (``config_overrides`` replace fields of its config) and, for a LoRA
     run, its adapters. A diffusers ``emb_2`` starts as a copy, without the notice: the
-    checkpoint's weights overwrite it."""
+    checkpoint's weights overwrite it. A Z-Image model reads ``r = 0`` as the recorded
+    ``z_image_zero_time`` says (resolved when the run started); a record without it predates
+    the choice and was trained with the reference convention."""
+    config = {**architecture["config"], **config_overrides}
+    if architecture["name"] == "diffusers" and architecture.get("family") == "z_image":
+        config.setdefault("z_image_zero_time", "reference")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_model(architecture["name"], **{**architecture["config"], **config_overrides})
+        model = build_model(architecture["name"], **config)
     if architecture.get("lora") is not None:
         apply_lora(model, architecture["lora"], ema=bool(architecture.get("ema_adapter")))
     return model

@@ -16,10 +16,11 @@ pretrained folder it was trained from), loads the trained (or EMA) weights and w
   ``twinflow generate --model BASE --lora OUT``; or with ``merge_lora`` the LoRA merged into the
   base weights, written as a full folder as above.
 
-Every transformer folder gets ``twinflow.json`` (where the weights came from; whether the model
-uses the single time embedding). The export is written beside ``out_dir`` and renamed into place
-at the end, so an interrupted export leaves nothing half-written; an existing ``out_dir`` is
-refused rather than overwritten.
+Every transformer folder gets ``twinflow.json`` (where the weights came from; how the model reads
+time: whether it uses the single time embedding and, for Z-Image, where ``r = 0`` lands on its
+reversed clock, as the checkpoint's ``architecture`` recorded it). The export is written beside
+``out_dir`` and renamed into place at the end, so an interrupted export leaves nothing
+half-written; an existing ``out_dir`` is refused rather than overwritten.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from twinflow.adapters import (
     TransformerAdapter,
     load_lora_export,
     save_extra_weights,
+    time_metadata,
 )
 from twinflow.models.diffusers import WEIGHT_DTYPES
 from twinflow.train.checkpoint import Checkpoint, load_checkpoint
@@ -111,7 +113,7 @@ def export_diffusers(
             if source is not None:
                 _copy_pipeline_parts(source, partial, link_parts)
             adapter.transformer.to(WEIGHT_DTYPES[dtype]).save_pretrained(transformer_dir)
-            metadata |= {"lora_merged": lora, "single_time_embedding": adapter.single_time_embedding, "dtype": dtype}
+            metadata |= {"lora_merged": lora, **time_metadata(adapter), "dtype": dtype}
             (transformer_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -146,8 +148,7 @@ def _write_lora(adapter: TransformerAdapter, architecture: dict, out_dir: Path, 
     save_lora_file(adapter, EMA if use_ema else TRAINED, out_dir)
     if not adapter.single_time_embedding:
         save_extra_weights(adapter, out_dir / EXTRA_WEIGHTS_FILE)
-    metadata |= {"lora": architecture["lora"], "base": architecture["config"]["path"],
-                 "single_time_embedding": adapter.single_time_embedding}
+    metadata |= {"lora": architecture["lora"], "base": architecture["config"]["path"], **time_metadata(adapter)}
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
