@@ -134,7 +134,8 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
         run_directory.mkdir(parents=True, exist_ok=True)
         (run_directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if context.enabled:
-        say(f"{strategy}: {context.world_size} processes, {training['batch_size'] // context.world_size} samples each per micro-step")
+        share = training["batch_size"] // context.world_size
+        say(f"{strategy}: {context.world_size} processes, {share} sample{'s' if share != 1 else ''} each per micro-step")
 
     def training_seconds() -> float:
         """Wall time spent in the loop so far, over all resumes (sampling grids excluded)."""
