@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 OUT ?= runs/demo
 
-.PHONY: venv demo test bench bench-finetune clean
+.PHONY: venv demo test bench bench-finetune bench-bf16 clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ bench: venv
 
 bench-finetune: venv
 	$(BIN)/python benchmarks/finetune_cost.py --out benchmarks/results
+
+bench-bf16: venv
+	$(BIN)/python benchmarks/bf16_targets.py --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) runs
