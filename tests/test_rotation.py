@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from twinflow.objective import TwinFlowObjective
 from twinflow.train.checkpoint import checkpoint_folder
 from twinflow.train.config import load_config
+from twinflow.train.logging import read_metrics
 from twinflow.train.loop import train
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -38,12 +39,14 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[int, dict[str, int]]] = []
+        self.results = []
         original = TwinFlowObjective.__call__
         recorder = self
 
         def recording(objective, *args, **kwargs):
             result = original(objective, *args, **kwargs)
             recorder.calls.append((kwargs.get("stream_position", 0), dict(result.plan.sizes)))
+            recorder.results.append(result)
             return result
 
         monkeypatch.setattr(TwinFlowObjective, "__call__", recording)
@@ -80,6 +83,15 @@ def test_slices_keep_their_proportions_over_each_accumulation_window(tmp_path, m
         for _, sizes in window:
             totals.update(sizes)
         assert dict(totals) == dict.fromkeys(SLICES, 1)
+    # the log averages each term over the samples that carry it, not over the micro-batches
+    logged = read_metrics(tmp_path / "run")
+    for step, line in enumerate(logged):
+        window = recorder.results[4 * step : 4 * step + 4]
+        fake = next(result for result in window if result.plan.sizes["fake"])
+        one_step = next(result for result in window if result.plan.sizes["one_step"])
+        assert line["loss_adversarial"] == pytest.approx(float(fake.adversarial), rel=1e-6)
+        assert line["loss_rectify"] == pytest.approx(float(one_step.rectify), rel=1e-6)
+    assert logged[-1]["loss_rectify"] > 0 and logged[-1]["loss_adversarial"] > 0  # (the U-Net starts at F = 0)
 
 
 def test_resume_is_exact_with_rotation(tmp_path, single_thread):

@@ -49,6 +49,17 @@ class ObjectiveResult:
             "loss_rectify": float(self.rectify),
         }
 
+    def term_samples(self) -> dict[str, int]:
+        """How many samples each of :meth:`terms` averages over (0: the term is absent from this
+        batch), so that logs can average a term over micro-batches that rotate the slices."""
+        sizes = self.plan.sizes
+        return {
+            "loss": sum(sizes.values()),
+            "loss_base": sizes["one_step"] + sizes["multi_step"] + sizes["any_step"],
+            "loss_adversarial": sizes["fake"],
+            "loss_rectify": sizes["one_step"] if float(self.rectify) != 0 else 0,
+        }
+
 
 class TwinFlowObjective:
     """``objective(model, data, cond, null_cond, teacher=..., generator=...) -> ObjectiveResult``.

@@ -209,8 +209,11 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
                     loss = context.mean({"loss": float(result.loss.detach())})["loss"]
                     raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint))
                 (result.loss / accumulation).backward()
+            # Each term summed with its sample count: a micro-batch without a slice adds nothing.
+            samples = result.term_samples()
             for key, value in result.terms().items():
-                terms[key] = terms.get(key, 0.0) + value / accumulation
+                terms[key] = terms.get(key, 0.0) + value * samples[key]
+                terms[f"{key} samples"] = terms.get(f"{key} samples", 0.0) + samples[key]
 
         clip = float(training["grad_clip"])
         gradient_norm = clip_gradients(model, clip if clip > 0 else math.inf)  # the same on every process
@@ -225,7 +228,8 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
         # ---- bookkeeping: logs, checkpoints, grids -----------------------------------------
         progress.update(1)
         if done % training["log_every"] == 0 or done == steps:
-            terms = context.mean(terms)  # the loss terms averaged over the processes
+            totals = context.mean(terms)  # over the processes: each term's mean over its samples
+            terms = {key: totals[key] / max(totals[f"{key} samples"], 1e-12) for key in result.terms()}
             seconds = (time.perf_counter() - started) / timed_steps
             logger.log(done, {
                 **terms, "phase": phase, "learning_rate": learning_rate, "gradient_norm": float(gradient_norm),
