@@ -21,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set training.batch_size=32 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     train.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config and print the per-process plan and memory estimate; builds the model "
+                            "on the meta device, reads no weights, writes nothing")
+    train.add_argument("--world-size", type=int, metavar="N",
+                       help="--dry-run: the number of processes to plan for (default: WORLD_SIZE, else 1)")
+    train.add_argument("--latent-size", metavar="HxW",
+                       help="--dry-run: latent size (height x width) of the activation estimate, e.g. 128x128 "
+                            "(default: the latent cache's largest, else the family's default)")
 
     sample = commands.add_parser("sample", help="sample images from a checkpoint")
     sample.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
@@ -152,6 +160,11 @@ def command_train(arguments: argparse.Namespace) -> None:
     overrides = list(arguments.overrides)
     if arguments.device:
         overrides.append(f"device={arguments.device}")
+    if arguments.dry_run:
+        _dry_run(config_path, overrides, arguments)
+        return
+    if arguments.world_size is not None or arguments.latent_size is not None:
+        raise SystemExit("error: --world-size and --latent-size only apply with --dry-run")
     config = load_config(config_path, overrides)
     result = train(config, arguments.out, resume=arguments.resume)
     if result.rank != 0:  # under torchrun, one process reports
@@ -159,6 +172,23 @@ def command_train(arguments: argparse.Namespace) -> None:
     print(f"trained {result.steps} steps ({result.parameters:,} parameters); checkpoint: {result.final_checkpoint}")
     for preset, grid in result.grids.items():
         print(f"  {preset} grid: {grid}")
+
+
+def _dry_run(config_path: Path, overrides: list[str], arguments: argparse.Namespace) -> None:
+    """``train --dry-run``: the pre-flight plan of :mod:`twinflow.train.preflight`; every problem
+    becomes one ``ValueError`` line (exit code 2), and nothing is written."""
+    from twinflow.train.config import load_config
+    from twinflow.train.preflight import default_world_size, parse_latent_size, preflight, render
+
+    try:
+        config = load_config(config_path, overrides)
+        world_size = arguments.world_size if arguments.world_size is not None else default_world_size()
+        latent_size = parse_latent_size(arguments.latent_size) if arguments.latent_size else None
+        plan = preflight(config, world_size, latent_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(" ".join(str(error).split())) from None  # one line, whatever the source
+    print(f"config: {config_path}")
+    print(render(plan))
 
 
 def command_sample(arguments: argparse.Namespace) -> None:

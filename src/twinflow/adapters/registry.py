@@ -56,7 +56,19 @@ def _transformer_folder(path: str | Path) -> Path:
 
 
 def _class_name(folder: Path) -> str:
-    return json.loads((folder / "config.json").read_text())["_class_name"]
+    """The diffusers class named by ``folder/config.json``; errors name the file."""
+    import diffusers
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: give a diffusers transformer folder or a pipeline folder")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"{config_file} is not a JSON object: {error}") from None
+    if not isinstance(class_name, str) or not hasattr(diffusers, class_name):
+        raise ValueError(f"{config_file} names _class_name {class_name!r}, which is no diffusers class")
+    return class_name
 
 
 def transformer_family(path: str | Path) -> str:
@@ -70,6 +82,7 @@ def load_adapter(
     *,
     single_time_embedding: bool | None = None,
     z_image_zero_time: str = "auto",
+    weights: bool = True,
     **from_pretrained: Any,
 ) -> TransformerAdapter:
     """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
@@ -87,6 +100,10 @@ def load_adapter(
     ``reference`` when the folder holds ``t_embedder_2`` (a released TwinFlow checkpoint, read
     bitwise as the reference code does) and ``data`` when it does not (a base model, trained
     here). ``reference`` / ``data`` for another family is a ``ValueError``.
+
+    ``weights=False`` builds the same adapter on the meta device from ``config.json`` alone (the
+    class's ``from_config``; ``dtype`` in ``from_pretrained`` is applied): no weight is read or
+    allocated, for a dry run of a 20B model. ``emb_2`` is then the copy of ``emb``.
     """
     import diffusers  # the optional extra: pip install "twinflow[diffusers]"
 
@@ -104,8 +121,40 @@ def load_adapter(
     if family == ZImageAdapter.family:
         zero_time = recorded_zero_time(metadata, family) if z_image_zero_time == "auto" else z_image_zero_time
         options["zero_time"] = zero_time  # still "auto" without twinflow.json: the weights decide
+    if not weights:
+        return _meta_adapter(folder, class_name, family, single_time_embedding, options, from_pretrained.get("dtype"))
     transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **from_pretrained)
     if single_time_embedding:
         return build_adapter(family, transformer, single_time_embedding=True, **options)
     extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")
     return build_adapter(family, transformer, extra_weights=extra or None, **options)
+
+
+def _meta_adapter(folder: Path, class_name: str, family: str, single: bool, options: dict, dtype: Any) -> TransformerAdapter:
+    """:func:`load_adapter` without weights: the transformer from its config on the meta device."""
+    import warnings
+
+    import diffusers
+    import torch
+
+    if options.get("zero_time") == "auto":  # as the weights would decide it, from the files' keys alone
+        options = {**options, "zero_time": "reference" if _holds_extra_weights(folder, family) else "data"}
+    klass = getattr(diffusers, class_name)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the copy-initialised emb_2
+        transformer = klass.from_config(klass.load_config(str(folder)))
+        if dtype is not None:
+            transformer = transformer.to(dtype)
+        return build_adapter(family, transformer, single_time_embedding=single, **options)
+
+
+def _holds_extra_weights(folder: Path, family: str) -> bool:
+    """Whether the folder's safetensors files name ``emb_2`` tensors (headers only are read)."""
+    from safetensors import safe_open
+
+    prefix = f"{ADAPTERS[family].embedding_name}_2."
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            if any(key.startswith(prefix) for key in handle.keys()):
+                return True
+    return False

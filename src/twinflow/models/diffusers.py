@@ -58,8 +58,9 @@ class DiffusersConfig:
         return asdict(self)
 
 
-def build_diffusers(config: DiffusersConfig) -> nn.Module:
-    """The adapter of the transformer at ``config.path``, in training mode."""
+def build_diffusers(config: DiffusersConfig, weights: bool = True) -> nn.Module:
+    """The adapter of the transformer at ``config.path``; ``weights=False`` builds it on the meta
+    device from the folder's ``config.json`` alone (a dry run: nothing read or allocated)."""
     from twinflow.adapters import ADAPTERS, ZERO_TIMES, load_adapter, transformer_family
 
     if not config.path:
@@ -81,7 +82,7 @@ def build_diffusers(config: DiffusersConfig) -> nn.Module:
         )
     adapter = load_adapter(
         config.path, single_time_embedding=config.single_time_embedding, z_image_zero_time=config.z_image_zero_time,
-        dtype=WEIGHT_DTYPES[config.dtype],
+        weights=weights, dtype=WEIGHT_DTYPES[config.dtype],
     )
     if config.family != "auto" and adapter.family != config.family:
         raise ValueError(f"model.family is {config.family!r} but {config.path} holds a {adapter.family} transformer")

@@ -47,17 +47,23 @@ def build_backbone(config: dict, data: TrainingData) -> tuple[nn.Module, dict]:
     """``(model, architecture)`` for ``config["model"]`` and the training data."""
     name, arguments = model_arguments(config)
     model, architecture = BUILDERS[name](name, arguments, data)
-    training = config["training"]
+    finish_backbone(model, config["training"], architecture)
+    return model, architecture
+
+
+def finish_backbone(model: nn.Module, training: dict, architecture: dict | None = None) -> None:
+    """What training adds to a built backbone (a run, and a dry run on the meta device):
+    gradient checkpointing, then the LoRA adapters or the frozen gradient-free modules."""
     if training["gradient_checkpointing"]:
         enable_gradient_checkpointing(model)
     if training["lora"] is not None:
         # The EMA teacher of a LoRA run is a second adapter (see twinflow.train.lora).
         apply_lora(model, training["lora"], ema=float(training["ema_decay"]) > 0)
-        architecture["lora"] = training["lora"]
-        architecture["ema_adapter"] = float(training["ema_decay"]) > 0
+        if architecture is not None:
+            architecture["lora"] = training["lora"]
+            architecture["ema_adapter"] = float(training["ema_decay"]) > 0
     else:
         freeze_modules_without_gradient(model)
-    return model, architecture
 
 
 def freeze_modules_without_gradient(model: nn.Module) -> list[str]:

@@ -13,6 +13,7 @@ comes from ``model.path`` again on resume and export. Requires ``peft`` (``pip i
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+ADAPTABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # what PEFT's LoRA adapts
 TRAINED = "default"  # the PEFT adapter the optimizer trains
 EMA = "ema"  # the PEFT adapter that holds the teacher's EMA of TRAINED
 
@@ -78,6 +80,7 @@ def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
         raise ValueError(f"training.lora needs a diffusers transformer (model.name: diffusers), got {type(model).__name__}")
     if options["train_second_embedding"] and model.single_time_embedding:
         raise ValueError("training.lora.train_second_embedding needs a second time embedding; model.single_time_embedding is set")
+    check_lora_targets(transformer, options["target_modules"])
     model.requires_grad_(False)
     # Modules whose outputs the transformer discards get no adapter: it could never train (and
     # DDP would wait for its gradients).
@@ -99,6 +102,46 @@ def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
     if options["train_second_embedding"]:
         model.second_embedding.float().requires_grad_(True)
     model.lora = options  # marks the model as a LoRA model for checkpoints and export
+
+
+def check_lora_targets(transformer: nn.Module, targets: list[str]) -> dict[str, int]:
+    """How many modules each LoRA target matches, by PEFT's rule (the name, or a ``.``-suffix).
+
+    A target that matches nothing, or matches a layer LoRA cannot adapt, is a ``ValueError``
+    naming it (with similar module names); PEFT itself only fails when no target matches at all.
+    """
+    modules = dict(transformer.named_modules())
+    found = {}
+    for target in targets:
+        matched = [name for name in modules if name == target or name.endswith(f".{target}")]
+        if not matched:
+            raise ValueError(
+                f"training.lora.target_modules: {target!r} not found in the {type(transformer).__name__} "
+                f"(Target modules {{{target!r}}} not found in the base model); similar module names: {_similar(target, modules)}"
+            )
+        wrong = [name for name in matched if not isinstance(modules[name], ADAPTABLE_LAYERS)]
+        if wrong:
+            inside = sorted(
+                name.removeprefix(f"{wrong[0]}.") for name, module in modules.items()
+                if name.startswith(f"{wrong[0]}.") and isinstance(module, ADAPTABLE_LAYERS)
+            )
+            raise ValueError(
+                f"training.lora.target_modules: {target!r} matches {len(wrong)} {type(modules[wrong[0]]).__name__} "
+                f"module(s) (e.g. {wrong[0]}), which LoRA cannot adapt; the layers inside it are {inside[:12]}"
+            )
+        found[target] = len(matched)
+    return found
+
+
+def _similar(target: str, modules: dict[str, nn.Module]) -> list[str]:
+    """Adaptable module names (last component, with its parent when that is an index) near ``target``."""
+    names = set()
+    for name, module in modules.items():
+        if isinstance(module, ADAPTABLE_LAYERS) and name:
+            parts = name.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    close = difflib.get_close_matches(target, sorted(names), n=6, cutoff=0.5)
+    return close or sorted(names)[:12]
 
 
 def is_lora(model: nn.Module) -> bool:
