@@ -191,18 +191,28 @@ def build_model(setting: Setting, options: Options) -> torch.nn.Module:
 
 
 def random_batch(model: torch.nn.Module, options: Options, device: torch.device) -> tuple:
-    """``(latents, condition, null condition)`` shaped like a latent cache's batch."""
-    config = model.transformer.config
+    """``(latents, condition, null condition)`` shaped like a latent cache's batch.
+
+    ``model`` is an adapted Z-Image or Qwen-Image transformer: the latent channels and the
+    prompt width are its family's (Z-Image: ``in_channels`` and ``cap_feat_dim``).
+    """
+    from twinflow.generation import FAMILIES
+
+    from generation_speed import text_width
+
+    transformer = model.transformer
+    channels = FAMILIES[model.family].latent_channels(transformer)
+    width = text_width(model.family, transformer)
     generator = torch.Generator().manual_seed(0)
     count, tokens = options.batch_size, options.caption_tokens
-    latents = torch.randn(count, config.in_channels, options.latent_size, options.latent_size, generator=generator)
+    latents = torch.randn(count, channels, options.latent_size, options.latent_size, generator=generator)
     condition = {
-        "prompt_embeds": torch.randn(count, tokens, config.cap_feat_dim, generator=generator),
+        "prompt_embeds": torch.randn(count, tokens, width, generator=generator),
         "prompt_embeds_mask": torch.ones(count, tokens, dtype=torch.int64),
     }
     null_mask = torch.zeros(count, tokens, dtype=torch.int64)
     null_mask[:, :NULL_TOKENS] = 1
-    empty_prompt = torch.randn(1, tokens, config.cap_feat_dim, generator=generator) * null_mask[:1, :, None]
+    empty_prompt = torch.randn(1, tokens, width, generator=generator) * null_mask[:1, :, None]
     null = {"prompt_embeds": empty_prompt.expand(count, -1, -1).clone(), "prompt_embeds_mask": null_mask}
     move = lambda tensors: {key: value.to(device) for key, value in tensors.items()}  # noqa: E731
     return latents.to(device), move(condition), move(null)
@@ -210,33 +220,43 @@ def random_batch(model: torch.nn.Module, options: Options, device: torch.device)
 
 class FinetuneStep:
     """Model, teacher, optimizer and batch of one configuration; calling it is one optimizer step,
-    in the training loop's order (objective, backward, clip, step, zero, teacher update)."""
+    in the training loop's order (objective, backward, clip, step, zero, teacher update).
 
-    def __init__(self, setting: Setting, options: Options):
+    ``model`` and ``batch`` default to :func:`build_model` and :func:`random_batch` of the
+    options; a caller with a model already built (``benchmarks/gpu_check.py``) passes its own,
+    with checkpointing and LoRA already applied. ``optimizer_options`` go to the optimizer as
+    extra keyword arguments (e.g. ``fused=True``).
+    """
+
+    def __init__(self, setting: Setting, options: Options, model: torch.nn.Module | None = None,
+                 batch: tuple | None = None, optimizer_options: dict | None = None):
         self.device = torch.device(options.device)
         self.precision = options.precision
         self.grad_clip = options.grad_clip
-        self.model = build_model(setting, options)
+        self.model = build_model(setting, options) if model is None else model.train()
         self.teacher = teacher_for(self.model, setting.ema_decay)
         trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
         optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(trainable, lr=options.learning_rate, betas=tuple(options.betas),
-                                         weight_decay=options.weight_decay)
+                                         weight_decay=options.weight_decay, **(optimizer_options or {}))
         self.objective = TwinFlowObjective(objective_config(setting.method))
         self.generator = torch.Generator().manual_seed(0)
-        self.batch = random_batch(self.model, options, self.device)
+        self.batch = random_batch(self.model, options, self.device) if batch is None else batch
         self.network_calls = 0
+        self.samples_seen = 0  # the stream position of the next batch (as the training loop counts)
 
     def __call__(self) -> None:
         images, condition, null = self.batch
+        position = {"stream_position": self.samples_seen} if _takes_stream_position() else {}
         result = objective_loss(self.objective, self.model, self.teacher.network, images, condition, null,
-                                self.generator, self.precision)
+                                self.generator, self.precision, **position)
         result.loss.backward()
         clip_gradients(self.model, self.grad_clip if self.grad_clip > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.update(self.model)
         self.network_calls = result.network_calls
+        self.samples_seen += images.shape[0]
 
     def parameter_counts(self) -> dict[str, int]:
         """The trained network's parameters, the trained ones among them, and what the teacher adds.
@@ -254,6 +274,14 @@ class FinetuneStep:
             teacher = 0
         trainable = sum(parameter.numel() for parameter in self.model.parameters() if parameter.requires_grad)
         return {"parameters": total, "trainable_parameters": trainable, "teacher_parameters": teacher}
+
+
+def _takes_stream_position() -> bool:
+    """Whether ``objective_loss`` places a batch in the run's sample stream (the slices of a batch
+    smaller than the four slices then rotate from step to step, as in ``twinflow train``)."""
+    import inspect
+
+    return "stream_position" in inspect.signature(objective_loss).parameters
 
 
 def state_megabytes(parameters: int, trainable: int, teacher: int) -> float:

@@ -58,21 +58,35 @@ def preset_for(nfe: int) -> str:
 # -- models ------------------------------------------------------------------------------------
 
 
-def full_size_parts(family: str) -> dict:
-    """The released models' transformer and VAE configurations (diffusers' defaults), random."""
+FULL_SIZE_TRANSFORMERS = {"qwen_image": "QwenImageTransformer2DModel", "z_image": "ZImageTransformer2DModel"}
+
+
+def full_size_transformer(family: str, **overrides) -> torch.nn.Module:
+    """The released model's transformer configuration (diffusers' defaults), random weights."""
     import diffusers
 
+    if family not in FULL_SIZE_TRANSFORMERS:
+        raise ValueError(f"no full-size configuration here for {family!r}; use --tiny")
+    return getattr(diffusers, FULL_SIZE_TRANSFORMERS[family])(**overrides)
+
+
+def full_size_parts(family: str, **transformer_overrides) -> dict:
+    """The released models' transformer and VAE configurations (diffusers' defaults), random.
+
+    ``transformer_overrides`` replace fields of the transformer's config (e.g. fewer blocks of
+    the real width, ``num_layers=1``, for a check of the full-size code path on the CPU).
+    """
+    import diffusers
+
+    transformer = full_size_transformer(family, **transformer_overrides)
     if family == "qwen_image":
-        transformer, vae = diffusers.QwenImageTransformer2DModel(), diffusers.AutoencoderKLQwenImage()
+        vae = diffusers.AutoencoderKLQwenImage()
     elif family == "z_image":
-        transformer = diffusers.ZImageTransformer2DModel()
         vae = diffusers.AutoencoderKL(  # the Flux VAE that Z-Image uses
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
             scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
         )
-    else:
-        raise ValueError(f"no full-size configuration here for {family!r}; use --tiny")
     return {"transformer": transformer, "vae": vae, "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(),
             "text_encoder": None, "tokenizer": None}
 
@@ -89,14 +103,17 @@ def building_on(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_model(family: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> TextToImage:
+def build_model(
+    family: str, tiny: bool, device: torch.device, dtype: torch.dtype, transformer_overrides: dict | None = None
+) -> TextToImage:
+    """A ``TextToImage`` of random tiny or full-size parts, built on ``device`` in ``dtype``."""
     import diffusers
 
     from twinflow.generation.testing import BUILDERS
 
     torch.manual_seed(0)
     with building_on(device, dtype):
-        parts = BUILDERS[family](False) if tiny else full_size_parts(family)
+        parts = BUILDERS[family](False) if tiny else full_size_parts(family, **(transformer_overrides or {}))
     parts = {name: part.to(device, dtype) if isinstance(part, torch.nn.Module) else part for name, part in parts.items()}
     pipeline = getattr(diffusers, PIPELINES[family])(**parts)
     pipeline.set_progress_bar_config(disable=True)
@@ -106,14 +123,20 @@ def build_model(family: str, tiny: bool, device: torch.device, dtype: torch.dtyp
     return TextToImage(pipeline, adapter, FAMILIES[family], device=device, dtype=dtype)
 
 
-def random_condition(model: TextToImage) -> dict[str, torch.Tensor]:
-    """One prompt's condition of ``TEXT_TOKENS`` tokens with the transformer's text width."""
+def text_width(family: str, transformer: torch.nn.Module) -> int:
+    """The width of the prompt embeddings the transformer takes (its text encoder's hidden size)."""
+    name = {"qwen_image": "joint_attention_dim", "z_image": "cap_feat_dim"}.get(family, "joint_attention_dim")
+    return int(getattr(transformer.config, name))
+
+
+def random_condition(model: TextToImage, tokens: int = TEXT_TOKENS) -> dict[str, torch.Tensor]:
+    """One prompt's condition of ``tokens`` tokens with the transformer's text width."""
     config = model.adapter.transformer.config
     generator = torch.Generator().manual_seed(0)
-    width = {"qwen_image": "joint_attention_dim", "z_image": "cap_feat_dim"}.get(model.family.name, "joint_attention_dim")
-    condition = {"prompt_embeds": torch.randn(1, TEXT_TOKENS, getattr(config, width), generator=generator)}
+    width = text_width(model.family.name, model.adapter.transformer)
+    condition = {"prompt_embeds": torch.randn(1, tokens, width, generator=generator)}
     if model.family.name in ("qwen_image", "z_image"):
-        condition["prompt_embeds_mask"] = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+        condition["prompt_embeds_mask"] = torch.ones(1, tokens, dtype=torch.long)
     else:
         condition["pooled_prompt_embeds"] = torch.randn(1, config.pooled_projection_dim, generator=generator)
     return condition
@@ -131,9 +154,11 @@ class Stopwatch:
         self.calls = 0
         self._started = 0.0
         transformer = model.adapter.transformer
-        transformer.register_forward_pre_hook(lambda module, args: self._start())
-        transformer.register_forward_hook(lambda module, args, output: self._stop())
-        vae = model.pipeline.vae
+        self._hooks = [
+            transformer.register_forward_pre_hook(lambda module, args: self._start()),
+            transformer.register_forward_hook(lambda module, args, output: self._stop()),
+        ]
+        self._vae = vae = model.pipeline.vae
         decode = vae.decode
 
         def timed_decode(*args, **kwargs):
@@ -143,6 +168,13 @@ class Stopwatch:
             return output
 
         vae.decode = timed_decode
+
+    def remove(self) -> None:
+        """Take the hooks off again (the transformer and the VAE are as before)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        vars(self._vae).pop("decode", None)  # the class's own decode again
 
     def _now(self) -> float:
         if self.device.type == "cuda":

@@ -201,3 +201,127 @@ def test_finetune_report_names_the_device_and_the_model_size():
     label, details = finetune_cost.describe(options, [row], torch.device("cpu"))
     assert label.startswith("Tiny random Z-Image transformer (18.2M parameters) on CPU, 2 torch threads")
     assert "gradient checkpointing off" in details and "rank 8" in details and "emb_2" not in details
+
+
+# ---- benchmarks/gpu_check.py: its CPU fallback runs every section (tiny models), guarded ---------------
+
+import gpu_check  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gpu_check_cpu(tmp_path_factory):
+    """One quick CPU-fallback run of the GPU check (tiny random models): its JSON and markdown."""
+    import json
+
+    stem = tmp_path_factory.mktemp("gpu_check") / "gpu_check"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(stem)]) == 0
+    return json.loads(stem.with_suffix(".json").read_text()), stem.with_suffix(".md").read_text()
+
+
+def _gpu_check_rows(report: dict, kind: str) -> list[dict]:
+    return [row for entry in report["sections"] if entry["name"].split("/")[0] == kind for row in entry["rows"]]
+
+
+def test_gpu_check_cpu_fallback_runs_every_section_and_says_so(gpu_check_cpu):
+    report, text = gpu_check_cpu
+    families = ("z_image", "qwen_image")
+    expected = {"plan", "training_full/z_image"} | {
+        f"{kind}/{family}" for family in families for kind in ("build", "generation", "sampler_overhead", "training_lora")
+    }
+    assert {entry["name"] for entry in report["sections"]} == expected
+    assert [(entry["name"], entry["error"]) for entry in report["sections"] if entry["status"] != "ok"] == []
+    assert report["kind"] == "cpu-tiny" and report["gpu_figures"] is False
+    assert "CPU FALLBACK" in report["warning"] and "still open" in report["warning"]
+    assert text.startswith("# GPU check") and f"> **{report['warning']}**" in text
+
+    # 1. latency: the project's presets at 1, 2, 4 NFE; transformer and VAE lie inside the call's time
+    generation = _gpu_check_rows(report, "generation")
+    assert sorted((row["family"], row["nfe"]) for row in generation) == sorted((f, n) for f in families for n in (1, 2, 4))
+    for row in generation:
+        assert row["preset"] == f"{row['nfe']}nfe" and row["network_calls"] == row["nfe"]
+        assert min(row["seconds"], row["transformer_s"], row["vae_s"], row["other_s"], row["peak_memory_mib"]) > 0
+        assert row["transformer_s"] + row["vae_s"] + row["other_s"] == pytest.approx(row["seconds"])
+        assert f"| {row['family']} | {row['nfe']} | `{row['preset']}` | {row['seconds']:.4f} |" in text
+
+    # 2. sampler overhead: the sampler made exactly NFE transformer calls; every timing is real
+    overhead = _gpu_check_rows(report, "sampler_overhead")
+    assert sorted((row["family"], row["nfe"]) for row in overhead) == sorted((f, n) for f in families for n in (1, 2, 4))
+    for row in overhead:
+        assert row["network_calls"] == row["nfe"]
+        assert min(row["sample_s"], row["adapter_calls_s"], row["transformer_calls_s"]) > 0
+        assert row["sample_vs_transformer"] == pytest.approx(row["sample_s"] / row["transformer_calls_s"])
+
+    # 3. training: TwinFlow makes more network calls per step than flow matching, on the same model
+    training = _gpu_check_rows(report, "training_lora") + _gpu_check_rows(report, "training_full")
+    groups = {(row["family"], row["mode"]) for row in training}
+    assert groups == {("z_image", "lora"), ("qwen_image", "lora"), ("z_image", "full")}
+    for family, mode in groups:
+        rows = [row for row in training if (row["family"], row["mode"]) == (family, mode)]
+        assert all(row["error"] is None and row["seconds_per_step"] > 0 and row["peak_memory_mib"] > 0 for row in rows)
+        baseline, = [row for row in rows if row["method"] == "flow_matching"]
+        assert baseline["network_calls"] == 1 and baseline["time_vs_flow_matching"] == pytest.approx(1.0)
+        assert all(row["network_calls"] > 1 for row in rows if row["method"] == "twinflow")
+        assert len(rows) == (3 if mode == "full" else 2)
+        if mode == "lora":  # only the adapters (and emb_2) train; the teacher is the second adapter
+            assert 0 < baseline["trainable_parameters"] < baseline["parameters"]
+            assert {row["teacher"] for row in rows} == {"none", "EMA adapter (0.99)"}
+        else:
+            assert {row["teacher"] for row in rows} == {"none", "the model itself", "EMA copy (0.99)"}
+    assert "| qwen_image | LoRA | twinflow | EMA adapter (0.99) |" in text
+    assert "| z_image | full-parameter | twinflow | EMA copy (0.99) |" in text
+
+    # the real configurations, built on the meta device: the released models' sizes
+    plan = {row["family"]: row for row in _gpu_check_rows(report, "plan")}
+    assert plan["z_image"]["parameters"] == pytest.approx(6.15e9, rel=0.01)
+    assert plan["qwen_image"]["parameters"] == pytest.approx(20.43e9, rel=0.01)
+    assert plan["qwen_image"]["lora_rank"] == 64 and plan["qwen_image"]["lora_ema_parameters"] > 0
+
+
+def test_gpu_check_skips_what_the_deadline_leaves_no_time_for(tmp_path):
+    import json
+
+    stem = tmp_path / "late"
+    assert gpu_check.main(["--device", "cpu", "--deadline", "0", "--out", str(stem)]) == 0
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert report["sections"] and all(entry["status"] == "skipped" for entry in report["sections"])
+    assert set(report["skipped"]) == {entry["name"] for entry in report["sections"]}
+    assert all("deadline" in entry["reason"] or "needs build/" in entry["reason"] for entry in report["sections"])
+    assert "| generation/z_image | skipped |" in stem.with_suffix(".md").read_text()
+
+
+def test_gpu_check_records_a_failing_section_and_runs_the_rest(tmp_path, monkeypatch):
+    import json
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("diffusers API mismatch (planted)")
+
+    monkeypatch.setattr(gpu_check, "generation_section", broken)
+    stem = tmp_path / "failing"
+    arguments = ["--device", "cpu", "--quick", "--families", "z_image", "--sections", "generation,sampler_overhead",
+                 "--nfe", "1", "--out", str(stem)]
+    assert gpu_check.main(arguments) == 0
+    report = json.loads(stem.with_suffix(".json").read_text())
+    status = {entry["name"]: entry for entry in report["sections"]}
+    assert status["generation/z_image"]["status"] == "failed"
+    assert status["generation/z_image"]["error"] == "RuntimeError: diffusers API mismatch (planted)"
+    assert status["sampler_overhead/z_image"]["status"] == "ok" and status["sampler_overhead/z_image"]["rows"]
+    assert status["training_lora/z_image"]["reason"] == "not selected (--sections)"
+    assert report["failed"] == ["generation/z_image"]
+    assert "## Failures" in stem.with_suffix(".md").read_text()
+
+
+def test_gpu_check_plans_the_full_size_run_on_a_gpu(monkeypatch):
+    import twinflow.pipeline
+
+    monkeypatch.setattr(twinflow.pipeline, "resolve_device", lambda name: torch.device("cuda"))
+    plan = gpu_check.resolve_plan(gpu_check.parse_args([]))
+    assert plan.kind == "full-size" and plan.is_gpu_figure and plan.torch_dtype == torch.bfloat16
+    assert (plan.size, plan.nfe, plan.precision, plan.lora_rank, plan.fused_adamw) == (1024, [1, 2, 4], "bf16", 64, True)
+    assert (plan.train_batch, plan.train_latent, plan.train_steps % 2) == (2, 64, 0)  # 512 px; whole slice rotations
+    assert plan.families == ["z_image", "qwen_image"] and plan.full_families == ["z_image"]
+    assert plan.deadline_s == 480 and plan.out == "benchmarks/results/gpu_check" and plan.layers is None
+    assert gpu_check.transformer_overrides("qwen_image", None) == {}  # the real configurations, all blocks
+    quick_look = gpu_check.resolve_plan(gpu_check.parse_args(["--layers", "2", "--families", "qwen_image"]))
+    assert quick_look.kind == "truncated" and not quick_look.is_gpu_figure and quick_look.full_families == []
+    assert quick_look.out == "benchmarks/results/gpu_check_cuda_truncated"  # never over the GPU report
+    assert gpu_check.transformer_overrides("z_image", 2) == {"n_layers": 2, "n_refiner_layers": 2}
