@@ -132,7 +132,7 @@ def test_qwen_image_plan_numbers_in_closed_form(qwen_plan, folders):
     # trained: the adapter and emb_2 (train_second_embedding), all fp32; the teacher is the ema adapter
     assert plan.trained_parameters == plan.lora_parameters + plan.second_embedding_parameters
     ddp = plan.memory["ddp"]
-    assert ddp.gradients == ddp.ddp_buckets == 4 * plan.trained_parameters
+    assert ddp.gradients == 4 * plan.trained_parameters
     assert ddp.optimizer == 8 * plan.trained_parameters
     assert ddp.teacher == 4 * plan.lora_parameters and plan.teacher == "ema adapter"
     assert ddp.adapters == 4 * plan.lora_parameters + 2 * plan.second_embedding_parameters  # emb_2 upcast bf16 -> fp32
@@ -161,7 +161,6 @@ def test_fsdp_divides_the_sharded_parts_by_the_processes(qwen_plan, folders):
         for part in ("weights", "adapters", "gradients", "optimizer"):
             assert fsdp.parts[part] == pytest.approx(ddp.parts[part] / 8), part
         assert fsdp.buffers == ddp.buffers and fsdp.activations == ddp.activations
-        assert fsdp.ddp_buckets == 0 and ddp.ddp_buckets == ddp.gradients
         assert ddp.gathered == 0 and fsdp.gathered == plan.gathered_bytes > 0
     # the LoRA teacher is an adapter (sharded); the full-parameter one a weight-sized copy
     assert qwen_plan.memory["fsdp"].teacher == pytest.approx(qwen_plan.memory["ddp"].teacher / 8)
@@ -204,7 +203,7 @@ def test_the_shipped_z_image_and_sd35_medium_recipes_pass(folders, tmp_path):
     assert "34 x ZImageTransformerBlock" in stdout and "strategy none" in stdout
     size = sum(p.numel() for p in meta_transformer(folders["z"]).parameters())
     assert z_image.transformer_parameters == size and abs(size - 6.15e9) < 0.01e9  # the real 6B config
-    assert list(z_image.memory) == ["none"] and z_image.memory["none"].ddp_buckets == 0
+    assert list(z_image.memory) == ["none"]
 
     code, stdout, stderr, sd35 = dry_run(SD35, out, "--world-size", "8", "--set", f"model.path={folders['sd35']}")
     assert code == 0, stderr

@@ -283,7 +283,12 @@ def wrap_model(
         # number of calls differs between processes; newer torch names the switch differently.
         parallel = nn.parallel.DistributedDataParallel
         switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(parallel).parameters else "broadcast_buffers"
-        return parallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **{switch: False})
+        # gradient_as_bucket_view: the gradients live in DDP's reduction buckets instead of beside
+        # them, one gradient-sized buffer less (0.8 GB for the Qwen-Image LoRA recipe).
+        return parallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
+            gradient_as_bucket_view=True, **{switch: False},
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     try:

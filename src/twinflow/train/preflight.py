@@ -94,7 +94,6 @@ class MemoryEstimate:
     buffers: float
     adapters: float
     gradients: float
-    ddp_buckets: float
     optimizer: float
     teacher: float
     gathered: float
@@ -223,10 +222,9 @@ def memory_estimate(plan: PreflightPlan, strategy: str) -> MemoryEstimate:
         # LoRA: the trained adapter in fp32 (plus emb_2 upcast when it trains in full); sharded with its block.
         adapters=plan.adapter_bytes / shards,
         # One gradient per trained parameter, in the parameter's dtype (fp32: the base is frozen
-        # under LoRA; full-parameter training keeps fp32 weights); FSDP reduce-scatters into shards.
+        # under LoRA; full-parameter training keeps fp32 weights); FSDP reduce-scatters into shards;
+        # DDP's reduction buckets hold the gradients themselves (gradient_as_bucket_view).
         gradients=plan.trained_bytes / shards,
-        # DDP reduces through flat buckets that copy the gradients (gradient_as_bucket_view is off).
-        ddp_buckets=plan.trained_bytes if strategy == "ddp" else 0.0,
         # Adam/AdamW: two moments per trained parameter, in its dtype (fp32); sharded like the parameters.
         optimizer=2 * plan.trained_bytes / shards,
         # An EMA copy is weight-sized (sharded like the model) plus its own buffers; a LoRA teacher
@@ -503,7 +501,7 @@ def render(plan: PreflightPlan) -> str:
     lines.append(f"{'memory per process, ' + unit + ' (* in effect):':<40}{header}")
     labels = {
         "weights": f"weights (base, {plan.base_dtype})", "buffers": "buffers", "adapters": "trained extras (fp32)",
-        "gradients": "gradients", "ddp_buckets": "DDP gradient buckets", "optimizer": "optimizer (2 moments)",
+        "gradients": "gradients", "optimizer": "optimizer (2 moments)",
         "teacher": f"teacher ({plan.teacher})", "gathered": "FSDP gathered weights",
         "activations": f"activations (estimate, batch {plan.per_process_batch})",
     }
