@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 OUT ?= runs/demo
 
-.PHONY: venv demo test bench bench-finetune bench-bf16 clean
+.PHONY: venv demo test bench bench-finetune bench-bf16 gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ bench-finetune: venv
 
 bench-bf16: venv
 	$(BIN)/python benchmarks/bf16_targets.py --out benchmarks/results
+
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs
