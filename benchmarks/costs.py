@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from machine import call_seconds, synchronise  # noqa: F401  (synchronise: for the other benchmarks)
 
 from twinflow.models import build_model
 from twinflow.objective import TwinFlowObjective, objective_config
@@ -92,11 +93,6 @@ class _Stepper:
         return result.network_calls
 
 
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_step_costs(
     config_path: str, batch_size: int = 64, steps: int = 5, rounds: int = 3, device: torch.device = torch.device("cpu")
 ) -> dict[str, StepCost]:
@@ -163,14 +159,7 @@ def training_costs(config_path: str, batch_size: int = 64, steps: int = 4, round
 
 def _fastest_seconds(function, repeats: int, device: torch.device) -> float:
     """The fastest of ``repeats`` calls (warm up before calling this): other work only adds time."""
-    values = []
-    for _ in range(repeats):
-        synchronise(device)
-        start = time.perf_counter()
-        function()
-        synchronise(device)
-        values.append(time.perf_counter() - start)
-    return min(values)
+    return min(call_seconds(function, repeats, device))
 
 
 @torch.no_grad()

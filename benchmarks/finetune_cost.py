@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(probe(Setting(**request["setting"]), Options(**request["options"]))))
         return 0
 
-    from report import machine_description
+    from machine import machine_description
     from twinflow.pipeline import resolve_device
 
     device = resolve_device(arguments.device)

@@ -90,6 +90,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import generation_speed  # noqa: E402
+from machine import call_seconds, machine_description, synchronise  # noqa: E402
 from finetune_cost import FinetuneStep, Options, Setting, random_batch  # noqa: E402
 
 FAMILIES = ("z_image", "qwen_image")  # the cheaper model first: it is measured even if the 20B one fails
@@ -295,21 +296,9 @@ class Memory:
             torch.cuda.empty_cache()
 
 
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(function, repeats: int, device: torch.device) -> float:
     """The median wall time of ``repeats`` calls (synchronised on CUDA)."""
-    seconds = []
-    for _ in range(repeats):
-        synchronise(device)
-        started = time.perf_counter()
-        function()
-        synchronise(device)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+    return statistics.median(call_seconds(function, repeats, device))
 
 
 class Report:
@@ -663,21 +652,6 @@ def full_section(entry: dict, plan: Plan, family: str, memory: Memory, deadline:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
-
-
-def machine_description() -> str:
-    """Processor, CPU count, Python (report.py's own pulls in the MNIST benchmark's imports)."""
-    import platform
-
-    processor = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{processor}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; Python {platform.python_version()}"
 
 
 def header(plan: Plan, memory: Memory, argv: list[str]) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -31,23 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import costs  # noqa: E402
 import methods  # noqa: E402
+from machine import machine_description  # noqa: E402
 from render import render  # noqa: E402
-
-
-def machine_description() -> str:
-    import torch
-
-    processor = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{processor}, {torch.get_num_threads()} torch threads, {device}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def run(arguments: argparse.Namespace) -> dict:
