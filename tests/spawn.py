@@ -6,13 +6,18 @@ torchrun's environment and a gloo group on a free port, and calls ``worker(rank,
 every one. The worker and its arguments are pickled, so the worker must be a module-level
 function. Workers report through files; the assertions run in the pytest process. Import it in
 tests with ``from spawn import WORLD, free_port, spawn`` (pytest puts ``tests/`` on ``sys.path``).
+``train_under_torchrun(config, out, overrides)`` launches ``torchrun -m twinflow.cli train`` as a
+user would.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +57,19 @@ def spawn(worker, *args, timeout: float = 300.0) -> None:
             for process in processes.processes:
                 process.kill()
             pytest.fail(f"distributed workers still running after {timeout:.0f} s (a hang?)")
+
+
+def train_under_torchrun(config: Path, out: Path, overrides: list[str], timeout: float = 600.0) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node WORLD -m twinflow.cli train --config CONFIG --out OUT --set ...``
+    on the CPU (one thread per process), from the repository root; fails the test on a non-zero exit."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "-m", "twinflow.cli", "train", "--config", str(config), "--out", str(out),
+        *[item for override in overrides for item in ("--set", override)],
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parent.parent
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=root)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return finished

@@ -8,17 +8,14 @@ The last test launches ``torchrun -m twinflow.cli train`` as a user would.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from spawn import WORLD, free_port, spawn
+from spawn import WORLD, spawn, train_under_torchrun
 
 from twinflow.models import UNet, build_model
 from twinflow.objective import TwinFlowObjective, objective_config
@@ -314,15 +311,7 @@ def test_repeated_blocks_are_the_unet_blocks():
 
 def test_torchrun_cli_ddp(tmp_path):
     out = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "twinflow.cli", "train", "--config", str(TINY), "--out", str(out),
-        *[item for override in SMALL + ["distributed.strategy=ddp"] for item in ("--set", override)],
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    finished = train_under_torchrun(TINY, out, SMALL + ["distributed.strategy=ddp"], timeout=300)
     assert "ddp: 2 processes, 4 samples each per micro-step" in finished.stdout
     final = checkpoint_folder(out, 6)
     assert json.loads((final / "state.json").read_text())["distributed"] == {"strategy": "ddp", "world_size": 2}

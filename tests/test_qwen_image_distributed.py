@@ -13,9 +13,6 @@ per process, with ``ddp`` and with ``fsdp``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from spawn import WORLD, free_port, spawn
+from spawn import WORLD, spawn, train_under_torchrun
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -136,15 +133,7 @@ def test_shipped_qwen_image_recipe_runs_under_torchrun_with_one_sample_per_proce
                  f"training.batch_size={WORLD}"]
     if strategy == "fsdp":
         overrides.append("distributed.strategy=fsdp")  # the recipe says ddp
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "twinflow.cli", "train", "--config", str(RECIPE), "--out", str(out),
-        *[item for override in overrides for item in ("--set", override)],
-    ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, cwd=ROOT)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    finished = train_under_torchrun(RECIPE, out, overrides)
     assert f"{strategy}: 2 processes, 1 sample each per micro-step" in finished.stdout
     final = checkpoint_folder(out, 2)
     state = json.loads((final / "state.json").read_text())
