@@ -250,10 +250,16 @@ class TransformerAdapter(nn.Module):
 
     def modules_without_gradient(self) -> list[str]:
         """Modules (names in this adapter) whose parameters never receive a gradient through
-        ``F``: their outputs are discarded by the transformer's own ``forward``. Training
-        freezes them and LoRA leaves them out, so DDP needs no search for unused parameters in
-        every backward. None for most families."""
+        ``F`` (none, or exactly zero): their outputs only reach what the transformer's own
+        ``forward`` discards. Training freezes them and LoRA leaves them out: they could never
+        learn, weight decay would only shrink them, and DDP then needs no search for unused
+        parameters in every backward. None for most families."""
         return []
+
+    def _holding_parameters(self, names: list[str]) -> list[str]:
+        """Those of ``names`` that exist in this adapter and hold parameters."""
+        present = dict(self.named_modules())
+        return [name for name in names if name in present and any(True for _ in present[name].parameters())]
 
     @property
     def second_embedding_name(self) -> str:

@@ -11,8 +11,10 @@ diffusers 0.42 facts this relies on:
 * latents are packed 2 x 2: (B, C, H, W) -> (B, H/2 * W/2, 4C) with ``img_shapes`` =
   ``[[(1, H/2, W/2)]] * B``; the output comes back in the same packed layout;
 * every block updates both streams, but ``forward`` returns only the image stream: the last
-  block's text-only modules (``attn.to_add_out``, ``txt_mlp``) compute outputs nobody reads,
-  so their parameters never get a gradient (:meth:`QwenImageAdapter.modules_without_gradient`).
+  block's text-only modules compute outputs nobody reads: ``attn.to_add_out`` and ``txt_mlp``
+  get no gradient, the text queries (``attn.add_q_proj``, ``attn.norm_added_q``; the image
+  tokens read the text keys and values, never its queries) exactly zero
+  (:meth:`QwenImageAdapter.modules_without_gradient`).
 
 The released TwinFlow-Qwen-Image weights add ``time_text_embed_2.*`` (a second
 ``QwenTimestepProjEmbeddings``): ``temb = emb(t) + emb_2(r) * (t - r)``.
@@ -46,7 +48,9 @@ class QwenImageAdapter(TransformerAdapter):
 
     def modules_without_gradient(self) -> list[str]:
         last = f"transformer.transformer_blocks.{len(self.transformer.transformer_blocks) - 1}"
-        return [f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+        return self._holding_parameters(
+            [f"{last}.attn.add_q_proj", f"{last}.attn.norm_added_q", f"{last}.attn.to_add_out", f"{last}.txt_mlp"]
+        )
 
     def run_transformer(self, x: Tensor, timestep: Tensor, condition: Any) -> Tensor:
         parts = self.condition_parts(condition)

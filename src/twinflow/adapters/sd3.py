@@ -9,6 +9,10 @@ diffusers 0.42 facts this relies on:
   passes the scheduler's ``timestep = 1000 * sigma``, so the adapter passes ``1000 t`` and
   ``emb_2`` gets ``1000 r``.
 
+* the last block is ``context_pre_only``: it computes no text output, so its text queries
+  (``attn.add_q_proj``, ``attn.norm_added_q``) reach nothing and get exactly zero gradient
+  (:meth:`SD3Adapter.modules_without_gradient`).
+
 The reference TwinFlow-SD3.5 adds ``time_text_embed_2.*`` (a second
 ``CombinedTimestepTextProjEmbeddings``, pooled text included):
 ``temb = emb(1000 t, pooled) + emb_2(1000 r, pooled) * (t - r)``.
@@ -38,6 +42,13 @@ class SD3Adapter(TransformerAdapter):
     embedding_name = "time_text_embed"
     default_time_convention = SD3_TIME
     condition_keys = ("prompt_embeds", "pooled_prompt_embeds")
+
+    def modules_without_gradient(self) -> list[str]:
+        blocks = self.transformer.transformer_blocks
+        if not getattr(blocks[-1], "context_pre_only", False):
+            return []
+        last = f"transformer.transformer_blocks.{len(blocks) - 1}"
+        return self._holding_parameters([f"{last}.attn.add_q_proj", f"{last}.attn.norm_added_q"])
 
     def run_transformer(self, x: Tensor, timestep: Tensor, condition: Any) -> Tensor:
         parts = self.condition_parts(condition)
