@@ -10,6 +10,10 @@ from a copy of the first.
 Sizes: every VAE here halves the image side and every transformer groups 2 x 2 latent pixels
 into a token, so image sides must be multiples of 4 (``TINY_SIZE_MULTIPLE``). The tiny Flux
 folder has no text encoders (CLIP + T5); use it with precomputed embeddings.
+
+:func:`build_full_width_folder` is the other kind: the released transformer's widths and module
+names (Qwen-Image 20B, Z-Image 6B, SD3.5 Medium) with one or two blocks, bf16 weights, and tiny
+parts around it; for tests that the shipped large-model recipes run end to end.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["BUILDERS", "TINY_SIZE_MULTIPLE", "build_tiny_folder", "tiny_tokenizer"]
+__all__ = [
+    "BUILDERS", "FULL_WIDTH_LAYERS", "FULL_WIDTH_SIZE_MULTIPLE", "SD3_POOLED_WIDTH", "TEXT_WIDTHS", "TINY_SIZE_MULTIPLE",
+    "build_full_width_folder", "build_tiny_folder", "tiny_tokenizer",
+]
 
 TINY_SIZE_MULTIPLE = 4  # VAE factor 2 x patch size 2
 VOCAB = 280  # 256 bytes, specials, a few merges
@@ -200,4 +207,100 @@ def build_tiny_folder(
             for parameter in adapter.second_embedding.parameters():
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
         adapter.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+    return folder
+
+
+# ---- full width: the released widths and module names, few blocks ---------------------------
+
+FULL_WIDTH_SIZE_MULTIPLE = 4  # the full-width folders' tiny VAEs halve the side too; patch size 2
+SD35_MEDIUM = {
+    # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (diffusers' own defaults
+    # are SD3 Medium's 18 x 1152; Qwen-Image's and Z-Image's defaults are the released models')
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}
+FULL_WIDTH_LAYERS = {"qwen_image": 2, "z_image": 1, "sd3": 2}
+"""Blocks kept by :func:`build_full_width_folder`: two for the MMDiTs, so that a first block and
+the different last one (Qwen-Image: text outputs discarded; SD3: ``context_pre_only``) are both
+there; Z-Image's one main block plus one noise and one context refiner block."""
+TEXT_WIDTHS = {"qwen_image": 3584, "z_image": 2560, "sd3": 4096}  # prompt_embeds (B, L, width)
+SD3_POOLED_WIDTH = 2048  # pooled_prompt_embeds (B, 2048): CLIP-L 768 + CLIP-G 1280
+SD35_POS_EMBED_MAX_SIZE = 32
+"""SD3's positional table is a buffer of pos_embed_max_size**2 x 1536 (0.9 GB at the released 384),
+not a width: 32 keeps its module and key names and takes latents up to 64 x 64."""
+
+
+def _full_width_transformer(family: str, layers: int) -> Any:
+    import diffusers
+
+    if family == "qwen_image":  # the defaults are Qwen/Qwen-Image's: 24 x 128 heads, text 3584, 64 in, 16 out
+        return diffusers.QwenImageTransformer2DModel(num_layers=layers)
+    if family == "z_image":  # the defaults are Tongyi-MAI/Z-Image's (dim 3840, 30 heads, text 2560) but
+        # for the RoPE lengths: the released config has 1536 caption positions (prompts of 1024 tokens)
+        return diffusers.ZImageTransformer2DModel(n_layers=layers, n_refiner_layers=1, axes_lens=[1536, 512, 512])
+    if family == "sd3":
+        config = dict(SD35_MEDIUM, num_layers=layers, pos_embed_max_size=SD35_POS_EMBED_MAX_SIZE)
+        # the released blocks 0-12 have a second attention, the last block none (context_pre_only)
+        config["dual_attention_layers"] = tuple(index for index in SD35_MEDIUM["dual_attention_layers"] if index < layers - 1)
+        return diffusers.SD3Transformer2DModel(**config)
+    raise ValueError(f"no full-width builder for {family!r}; choose one of {sorted(FULL_WIDTH_LAYERS)}")
+
+
+def _full_width_vae(family: str) -> Any:
+    """A tiny VAE (side halved) with the family's real 16 latent channels and normalisation."""
+    if family == "qwen_image":
+        from diffusers import AutoencoderKLQwenImage
+
+        # latents_mean / latents_std: the class defaults, Qwen-Image's (Wan 2.1's) statistics
+        return AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    from diffusers import AutoencoderKL
+
+    # SD3.5's VAE, and Flux's (which Z-Image uses): scaling and shift factors as released
+    scaling, shift = {"sd3": (1.5305, 0.0609), "z_image": (0.3611, 0.1159)}[family]
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=scaling, shift_factor=shift,
+        use_quant_conv=family == "sd3", use_post_quant_conv=family == "sd3",
+    )
+
+
+def build_full_width_folder(
+    folder: str | Path, family: str, *, layers: int | None = None, seed: int = 0, max_shard_size: str = "1GB"
+) -> Path:
+    """A pipeline folder whose transformer has the released model's widths and module names but
+    only ``layers`` blocks (:data:`FULL_WIDTH_LAYERS` by default), random weights stored in
+    bfloat16 (``save_pretrained`` after ``.to(torch.bfloat16)``, as released checkpoints are, in
+    shards of ``max_shard_size`` with their index file), a tiny VAE with the family's 16 latent
+    channels (side halved: image sides multiples of :data:`FULL_WIDTH_SIZE_MULTIPLE`), a default
+    flow-matching scheduler config and no text encoders (generate from precomputed embeddings of
+    width :data:`TEXT_WIDTHS`). Families: ``qwen_image`` (2 blocks: ~0.75B parameters),
+    ``z_image`` (1 + 1 + 1 blocks: ~0.6B), ``sd3`` (SD3.5 Medium, 2 blocks: ~0.2B); returns ``folder``.
+
+    The transformer is initialised in bfloat16 (torch's default dtype switched for its
+    construction), which halves the memory of building it.
+    """
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if family not in FULL_WIDTH_LAYERS:
+        raise ValueError(f"no full-width builder for {family!r}; choose one of {sorted(FULL_WIDTH_LAYERS)}")
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        transformer = _full_width_transformer(family, layers or FULL_WIDTH_LAYERS[family])
+    finally:
+        torch.set_default_dtype(default)
+    transformer = transformer.to(torch.bfloat16)
+    parts = {"transformer": transformer, "vae": _full_width_vae(family), "scheduler": FlowMatchEulerDiscreteScheduler()}
+    parts |= {part: None for part in {
+        "qwen_image": ("text_encoder", "tokenizer"), "z_image": ("text_encoder", "tokenizer"),
+        "sd3": ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"),
+    }[family]}
+    pipeline = getattr(diffusers, PIPELINES[family])(**parts)
+    folder = Path(folder)
+    pipeline.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
     return folder
