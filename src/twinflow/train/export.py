@@ -103,7 +103,7 @@ def export_diffusers(
         "weights": "ema" if use_ema else "model", "family": architecture.get("family"),
     }
     try:
-        adapter = _trained_adapter(stored, architecture, use_ema)
+        adapter = _trained_adapter(stored, architecture, use_ema, merged_or_full=not lora or merge_lora)
         if lora and not merge_lora:
             _write_lora(adapter, architecture, partial, use_ema, metadata)
         else:
@@ -133,10 +133,13 @@ def pipeline_folder_of(model_path: str | Path) -> Path | None:
     return None
 
 
-def _trained_adapter(stored: Checkpoint, architecture: dict, use_ema: bool) -> TransformerAdapter:
-    """The adapter with the checkpoint's weights, in float32 whatever ``model.dtype`` trained on
-    (a LoRA run: with its adapters, unmerged)."""
-    adapter = model_from_architecture(architecture, dtype="fp32")
+def _trained_adapter(stored: Checkpoint, architecture: dict, use_ema: bool, merged_or_full: bool = True) -> TransformerAdapter:
+    """The adapter with the checkpoint's weights (a LoRA run: with its adapters, unmerged): its
+    base in float32 whatever ``model.dtype`` trained on when the export writes the transformer
+    (merging a LoRA adds its product in float32), else in the run's dtype: an adapter file
+    needs only the adapters (float32 anyway), and a 20B bf16 base then takes 40 GB, not 80."""
+    dtype = "fp32" if merged_or_full else architecture["config"].get("dtype", "fp32")
+    adapter = model_from_architecture(architecture, dtype=dtype)
     if architecture.get("lora") is None:
         adapter.load_state_dict(stored.ema if use_ema else stored.model)
     else:
