@@ -57,7 +57,7 @@ from safetensors.torch import load_file
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-import twinflow.train.preflight as preflight_module  # noqa: E402
+from dry_runs import dry_run  # noqa: E402
 from twinflow.cli import main  # noqa: E402
 from twinflow.data import cache_dataset  # noqa: E402
 from twinflow.generation.embeddings import save_embeddings  # noqa: E402
@@ -256,21 +256,10 @@ def test_folder_holds_the_released_widths_in_bf16_shards(world):
 
 
 def test_dry_run_plans_the_family_blocks_and_every_lora_target(world):
-    plans = []
-    original = preflight_module.preflight
-
-    def keep(*args, **kwargs):
-        plans.append(original(*args, **kwargs))
-        return plans[-1]
-
-    preflight_module.preflight = keep
-    try:
-        out = world.root / "dry"
-        stdout = _run("train", "--config", world.recipe, "--out", out, "--dry-run", "--world-size", world.case.world_size,
-                      *_sets(f"model.path={world.model}"))
-    finally:
-        preflight_module.preflight = original
-    (plan,) = plans
+    out = world.root / "dry"
+    code, stdout, stderr, plan = dry_run(
+        world.recipe, out, "--world-size", str(world.case.world_size), *_sets(f"model.path={world.model}"))
+    assert code == 0, stderr
     assert not out.exists()
     assert f"{world.case.blocks} x {world.case.block}" in stdout
     assert plan.fsdp_units == {world.case.block: world.case.blocks}

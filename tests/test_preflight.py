@@ -7,24 +7,21 @@ weight being read: the model is built on the meta device.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from dry_runs import dry_run
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from twinflow.cli import main  # noqa: E402
 from twinflow.data import cache_dataset  # noqa: E402
 from twinflow.train.config import load_config  # noqa: E402
-import twinflow.train.preflight as preflight_module  # noqa: E402
-from twinflow.train.preflight import PreflightPlan, preflight, transformer_activations  # noqa: E402
+from twinflow.train.preflight import preflight, transformer_activations  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 QWEN, Z_IMAGE, SD35 = (CONFIGS / f"{name}_twinflow.yaml" for name in ("qwen_image", "z_image", "sd35_medium"))
@@ -55,25 +52,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "z": write_config(root / "z", "ZImageTransformer2DModel"),
         "sd35": write_config(root / "sd35", "SD3Transformer2DModel", **SD35_MEDIUM),
     }
-
-
-def dry_run(config: Path, out: Path, *options: str) -> tuple[int, str, str, PreflightPlan | None]:
-    """``twinflow train --config CONFIG --out OUT --dry-run OPTIONS``: exit code, stdout, stderr
-    and the plan the command printed (None when it failed)."""
-    plans, stdout, stderr = [], io.StringIO(), io.StringIO()
-    original = preflight_module.preflight
-
-    def keep(*args, **kwargs):
-        plans.append(original(*args, **kwargs))
-        return plans[-1]
-
-    preflight_module.preflight = keep
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main(["train", "--config", str(config), "--out", str(out), "--dry-run", *options])
-    finally:
-        preflight_module.preflight = original
-    return code, stdout.getvalue(), stderr.getvalue(), plans[0] if plans else None
 
 
 @pytest.fixture(scope="module")
