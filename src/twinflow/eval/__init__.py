@@ -1,7 +1,7 @@
 """Evaluation: sample grids, nearest-neighbour scores, and the ``twinflow eval`` metrics.
 
 ``classifier`` (the digit classifier that judges samples), ``metrics`` (class accuracy,
-Fréchet distance, k-NN precision/recall) and ``evaluate`` (a checkpoint's presets against real data).
+Fréchet distance, k-NN precision/recall) and ``evaluate`` (a checkpoint's presets against real data; :class:`DigitJudge` scores any labelled digits).
 """
 
 from twinflow.eval.classifier import (
@@ -15,7 +15,7 @@ from twinflow.eval.classifier import (
     split_indices,
     train_classifier,
 )
-from twinflow.eval.evaluate import EvaluationReport, evaluate_checkpoint, inception_fid_available
+from twinflow.eval.evaluate import DigitJudge, EvaluationReport, evaluate_checkpoint, inception_fid_available
 from twinflow.eval.grid import image_grid, save_grid
 from twinflow.eval.metrics import PresetScores, class_accuracy, feature_statistics, frechet_distance, precision_recall
 from twinflow.eval.nearest import NearestNeighbourScores, nearest_neighbour_scores
@@ -24,6 +24,7 @@ __all__ = [
     "ClassifierConfig",
     "ClassifierReport",
     "DigitClassifier",
+    "DigitJudge",
     "EvaluationReport",
     "NearestNeighbourScores",
     "PresetScores",

@@ -204,29 +204,82 @@ def _resolve_classifier(
     return network.to(device).eval(), report
 
 
-def _score(
-    name: str,
-    network_calls: int,
-    logits: Tensor,
-    features: Tensor,
-    labels: Tensor,
-    reference_statistics: tuple,
-    reference_subset: Tensor,
-    k: int,
-) -> PresetScores:
-    mean, covariance = feature_statistics(features)
-    precision, recall = precision_recall(reference_subset[: features.shape[0]], features, k=k)
-    return PresetScores(
-        preset=name,
-        network_calls=network_calls,
-        accuracy=class_accuracy(logits, labels),
-        frechet_distance=frechet_distance(mean, covariance, *reference_statistics),
-        precision=precision,
-        recall=recall,
-        seconds=None,
-        images_per_second=None,
-        count=int(features.shape[0]),
-    )
+@dataclass
+class DigitJudge:
+    """The judge of one data set: its classifier, the real reference features, the held-out images.
+
+    :meth:`score` rates any labelled images (a checkpoint's samples, a text-to-image model's
+    digits, a file of images) on the same footing; :meth:`real_data` scores held-out real images
+    the same way, the best a perfect generator could reach at that sample size.
+    """
+
+    classifier: DigitClassifier
+    report: ClassifierReport
+    data_config: DataConfig
+    reference_statistics: tuple
+    reference_subset: Tensor  # seeded order of the reference features: the first n face a set of n
+    held_out_images: Tensor  # in [-1, 1], seeded order
+    held_out_labels: Tensor
+    reference_count: int
+    held_out_count: int
+    k: int = 3
+    batch_size: int = 500
+
+    @classmethod
+    def for_data(
+        cls,
+        data_config: DataConfig,
+        classifier: str | Path | tuple[DigitClassifier, ClassifierReport] | None = None,
+        *,
+        seed: int = 0,
+        k: int = 3,
+        device: str | torch.device = "cpu",
+        cache_dir: str | Path | None = None,
+        batch_size: int = 500,
+        log: Callable[[str], None] | None = None,
+    ) -> "DigitJudge":
+        """The judge of ``data_config``'s data set; ``classifier`` as :func:`evaluate_checkpoint`
+        takes it (``None``: the cached one, trained once). ``seed`` orders the seeded subsets."""
+        network, report = _resolve_classifier(classifier, data_config, cache_dir, torch.device(device), log)
+        dataset = load_dataset(data_config)
+        reference_indices, held_out_indices = split_indices(len(dataset), report.split_seed, report.test_fraction)
+        subsets = torch.Generator().manual_seed(seed)
+        _, reference_features = network.predict(dataset.images[reference_indices], batch_size)
+        # A fixed seeded order of the reference; its first n rows are compared with a set of n images.
+        reference_subset = reference_features[torch.randperm(len(reference_indices), generator=subsets)]
+        held_out = held_out_indices[torch.randperm(len(held_out_indices), generator=subsets)]
+        return cls(
+            network, report, data_config, feature_statistics(reference_features), reference_subset,
+            dataset.images[held_out], dataset.labels[held_out], len(reference_indices), len(held_out_indices), k, batch_size,
+        )
+
+    def score(self, name: str, images: Tensor, labels: Tensor, network_calls: int = 0) -> PresetScores:
+        """Scores of ``images`` (N, C, H, W) in [0, 1] that were asked to show digits ``labels``."""
+        logits, features = self.classifier.predict(images * 2 - 1, self.batch_size)
+        return self._scores(name, network_calls, logits, features, labels)
+
+    def real_data(self, num: int) -> PresetScores:
+        """Scores of the first ``num`` held-out real images (all of them when there are fewer)."""
+        images = self.held_out_images[:num]
+        logits, features = self.classifier.predict(images, self.batch_size)
+        return self._scores(REAL_DATA_ROW, 0, logits, features, self.held_out_labels[:num])
+
+    def _scores(self, name: str, network_calls: int, logits: Tensor, features: Tensor, labels: Tensor) -> PresetScores:
+        if features.shape[0] < max(2, self.k + 1):
+            raise ValueError(f"{name}: {features.shape[0]} images are too few for Fréchet statistics and k={self.k} precision/recall")
+        mean, covariance = feature_statistics(features)
+        precision, recall = precision_recall(self.reference_subset[: features.shape[0]], features, k=self.k)
+        return PresetScores(
+            preset=name,
+            network_calls=network_calls,
+            accuracy=class_accuracy(logits, labels),
+            frechet_distance=frechet_distance(mean, covariance, *self.reference_statistics),
+            precision=precision,
+            recall=recall,
+            seconds=None,
+            images_per_second=None,
+            count=int(features.shape[0]),
+        )
 
 
 def evaluate_checkpoint(
@@ -266,48 +319,41 @@ def evaluate_checkpoint(
     device = resolve_device(device)
     folder, state = _checkpoint_state(checkpoint)
     data_config = DataConfig(**state["config"]["data"])
-    network, classifier_report = _resolve_classifier(classifier, data_config, cache_dir, device, log)
+    judge = DigitJudge.for_data(
+        data_config, classifier, seed=seed, k=k, device=device, cache_dir=cache_dir, batch_size=batch_size, log=log
+    )
     generator = load(folder, device=device, use_ema=use_ema)
     expected = {
         "image_channels": generator.image_shape[0], "image_size": generator.image_shape[1], "num_classes": generator.num_classes,
     }
-    found = {key: network.config.to_dict()[key] for key in expected}
+    found = {key: judge.classifier.config.to_dict()[key] for key in expected}
     if found != expected:
-        raise ValueError(f"the classifier ({classifier_report.path or 'given'}) reads {found} but checkpoint {folder} makes {expected}")
+        raise ValueError(f"the classifier ({judge.report.path or 'given'}) reads {found} but checkpoint {folder} makes {expected}")
 
     notes = []
-    if classifier_report.data != asdict(data_config):
+    if judge.report.data != asdict(data_config):
         notes.append(
-            f"the classifier was trained on data {classifier_report.data}, the checkpoint on {asdict(data_config)}; "
+            f"the classifier was trained on data {judge.report.data}, the checkpoint on {asdict(data_config)}; "
             "the held-out images may include images the classifier saw, so its real-data row may be optimistic"
         )
-    dataset = load_dataset(data_config)
-    reference_indices, held_out_indices = split_indices(len(dataset), classifier_report.split_seed, classifier_report.test_fraction)
-    subsets = torch.Generator().manual_seed(seed)
-    _, reference_features = network.predict(dataset.images[reference_indices], batch_size)
-    reference_statistics = feature_statistics(reference_features)
-    # A fixed seeded order of the reference; its first n rows are compared with a set of n images.
-    reference_subset = reference_features[torch.randperm(len(reference_indices), generator=subsets)]
-    if num > len(reference_indices):
-        notes.append(f"precision/recall use all {len(reference_indices)} reference images against {num} samples (unequal sizes)")
-
-    held_out_order = held_out_indices[torch.randperm(len(held_out_indices), generator=subsets)][:num]
-    real_images = dataset.images[held_out_order]
+    if num > judge.reference_count:
+        notes.append(f"precision/recall use all {judge.reference_count} reference images against {num} samples (unequal sizes)")
     real_data = None
-    if len(held_out_order) >= max(2, k + 1):
-        logits, features = network.predict(real_images, batch_size)
-        real_data = _score(REAL_DATA_ROW, 0, logits, features, dataset.labels[held_out_order], reference_statistics, reference_subset, k)
-        if len(held_out_order) < num:
-            notes.append(f"the real-data row has only {len(held_out_order)} held-out images (not {num}): its Fréchet distance is biased upwards")
+    if min(num, judge.held_out_count) >= max(2, k + 1):
+        real_data = judge.real_data(num)
+        if judge.held_out_count < num:
+            notes.append(f"the real-data row has only {judge.held_out_count} held-out images (not {num}): its Fréchet distance is biased upwards")
     else:
-        notes.append(f"no real-data row: only {len(held_out_order)} held-out images (needs {max(2, k + 1)})")
+        notes.append(f"no real-data row: only {judge.held_out_count} held-out images (needs {max(2, k + 1)})")
 
     available, inception_message = inception_fid_available() if inception else (False, None)
     inception_reference = None
     if available:
+        dataset = load_dataset(data_config)
+        reference_indices, _ = split_indices(len(dataset), judge.report.split_seed, judge.report.test_fraction)
         inception_reference = feature_statistics(_inception_features((dataset.images[reference_indices] + 1) / 2, device))
         if real_data is not None:
-            mean, covariance = feature_statistics(_inception_features((real_images + 1) / 2, device))
+            mean, covariance = feature_statistics(_inception_features((judge.held_out_images[:num] + 1) / 2, device))
             real_data.inception_frechet_distance = frechet_distance(mean, covariance, *inception_reference)
 
     labels = balanced_labels(num, generator.num_classes)
@@ -318,8 +364,7 @@ def evaluate_checkpoint(
         config = configs[preset]
         generator.sample(labels=labels[: min(num, 2 * generator.num_classes)], preset=config, seed=seed, batch_size=batch_size)  # warm-up
         samples = generator.sample(labels=labels, preset=config, seed=seed, batch_size=batch_size)
-        logits, features = network.predict(samples.images * 2 - 1, batch_size)
-        scores = _score(preset, samples.network_calls, logits, features, samples.labels, reference_statistics, reference_subset, k)
+        scores = judge.score(preset, samples.images, samples.labels, samples.network_calls)
         scores.seconds = samples.seconds
         scores.images_per_second = num / max(samples.seconds, 1e-9)
         if inception_reference is not None:
@@ -332,15 +377,15 @@ def evaluate_checkpoint(
         step=state.get("step"),
         presets=rows,
         real_data=real_data,
-        classifier_test_accuracy=classifier_report.test_accuracy,
-        classifier_path=classifier_report.path,
+        classifier_test_accuracy=judge.report.test_accuracy,
+        classifier_path=judge.report.path,
         num=num,
         seed=seed,
         k=k,
         use_ema=use_ema,
         device=str(device),
-        reference_count=len(reference_indices),
-        held_out_count=len(held_out_indices),
+        reference_count=judge.reference_count,
+        held_out_count=judge.held_out_count,
         data=asdict(data_config),
         notes=notes,
         inception_message=inception_message,
