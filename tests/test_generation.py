@@ -222,6 +222,20 @@ def test_guidance_and_the_cache_use_the_reference_null_prompt_of_each_family(pip
     assert torch.allclose(stored["prompt_embeds"][:, : expected["prompt_embeds"].shape[1]].float(), expected["prompt_embeds"].float())
 
 
+def test_max_sequence_length_sets_the_prompt_tokens(pipes, folders, tmp_path):
+    """SD3 without T5 pads its CLIP tokens with max_sequence_length zero T5 tokens (256 by
+    default); the option reaches generation, `twinflow encode` and `twinflow cache` alike."""
+    from twinflow.generation import PromptEncoder
+
+    default = pipes["sd3"].encode(["fruit"])["prompt_embeds"].shape[1]
+    short = PromptEncoder(pipes["sd3"].pipeline, FAMILIES["sd3"], torch.device("cpu"), 3).encode(["fruit"])["prompt_embeds"]
+    assert default - short.shape[1] == 256 - 3
+    out = tmp_path / "short.safetensors"
+    assert main(["encode", "--model", str(folders["sd3"]), "--prompt", "fruit", "--max-sequence-length", "3",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert load_embeddings(out).conditions["prompt_embeds"].shape[1] == short.shape[1]
+
+
 def test_z_image_prompts_are_encoded_up_to_1024_tokens(pipes):
     """The reference encodes Z-Image prompts up to 1024 tokens; diffusers' default stops at 512."""
     long_prompt = " ".join(["fox"] * 700)

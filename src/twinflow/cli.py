@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
     cache.add_argument("--shard-size", type=int, default=1024, help="items per safetensors shard")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache made from other data or settings")
+    _add_token_limit(cache)
     _add_device_arguments(cache)
 
     export = commands.add_parser("export", help="write a trained text-to-image checkpoint as a diffusers folder (or a LoRA file)")
@@ -113,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     parser.add_argument("--prompt-file", type=Path, metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
+    _add_token_limit(parser)
+
+
+def _add_token_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-sequence-length", type=_positive, metavar="N",
+                        help="prompt tokens (T5's for SD3 and Flux); default: the family's, else the pipeline's. "
+                             "Use the value the model's training cache used")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +260,7 @@ def command_generate(arguments: argparse.Namespace) -> None:
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
         load_text_encoder=arguments.embeddings is None, lora=arguments.lora,
+        max_sequence_length=arguments.max_sequence_length,
     )
     width, height = arguments.size
     result = pipe.generate(
@@ -269,6 +284,7 @@ def command_cache(arguments: argparse.Namespace) -> None:
     cache, dataset = cache_from_pipeline(
         arguments.model, data, arguments.out, device=arguments.device, dtype=arguments.dtype,
         batch_size=arguments.batch_size, shard_size=arguments.shard_size, overwrite=arguments.overwrite,
+        max_sequence_length=arguments.max_sequence_length,
     )
     shapes = ", ".join("x".join(str(side) for side in shape) for shape in cache.buckets)
     print(f"cached {len(cache)} item(s) in {arguments.out} (latent shapes {shapes})")
@@ -298,7 +314,9 @@ def command_encode(arguments: argparse.Namespace) -> None:
     prompts = read_prompts(arguments)
     if not prompts:
         raise ValueError("give --prompt or --prompt-file")
-    encoder = PromptEncoder.from_pretrained(arguments.model, device=arguments.device, dtype=arguments.dtype)
+    encoder = PromptEncoder.from_pretrained(
+        arguments.model, device=arguments.device, dtype=arguments.dtype, max_sequence_length=arguments.max_sequence_length
+    )
     conditions = encoder.encode(prompts, batch_size=arguments.batch_size)
     null = encoder.encode([encoder.family.null_prompt])  # the unconditional input, should the file be used with guidance
     path = save_embeddings(arguments.out, conditions, prompts, null_condition=null, family=encoder.family.name)

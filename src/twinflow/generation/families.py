@@ -40,9 +40,17 @@ class Family:
 
     # -- prompts ---------------------------------------------------------------------------
 
-    def encode(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
-        """The condition for ``prompts`` from the pipeline's own ``encode_prompt``."""
+    def encode(
+        self, pipeline: Any, prompts: list[str], device: torch.device, max_sequence_length: int | None = None
+    ) -> dict[str, Tensor]:
+        """The condition for ``prompts`` from the pipeline's own ``encode_prompt``; the token limit
+        is ``max_sequence_length``, else the family's :attr:`max_sequence_length`, else the pipeline's."""
         raise NotImplementedError
+
+    def token_limit(self, max_sequence_length: int | None) -> dict[str, int]:
+        """``encode_prompt``'s ``max_sequence_length`` argument, when one is set."""
+        length = max_sequence_length if max_sequence_length is not None else self.max_sequence_length
+        return {} if length is None else {"max_sequence_length": int(length)}
 
     def for_transformer(self, condition: dict[str, Tensor], transformer: Any) -> dict[str, Tensor]:
         """The condition as this batch's transformer call takes it (padding beyond the batch's
@@ -94,11 +102,11 @@ class ZImageFamily(Family):
     required_text_components = ("text_encoder", "tokenizer")
     max_sequence_length = 1024  # the reference encodes up to 1024 tokens (diffusers' default: 512)
 
-    def encode(self, pipeline, prompts, device):
+    def encode(self, pipeline, prompts, device, max_sequence_length=None):
         # ZImagePipeline returns one unpadded (L_i, D) tensor per prompt; it rewrites the list it
         # is given in place (chat template), hence the copy.
         embeds, _ = pipeline.encode_prompt(
-            list(prompts), device=device, do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length
+            list(prompts), device=device, do_classifier_free_guidance=False, **self.token_limit(max_sequence_length)
         )
         return pad_rows(embeds)
 
@@ -113,8 +121,8 @@ class QwenImageFamily(Family):
     required_text_components = ("text_encoder", "tokenizer")
     null_prompt = "Generate an image."  # the reference's unconditional prompt (its modeling_qwen_image.py)
 
-    def encode(self, pipeline, prompts, device):
-        embeds, mask = pipeline.encode_prompt(list(prompts), device=device)
+    def encode(self, pipeline, prompts, device, max_sequence_length=None):
+        embeds, mask = pipeline.encode_prompt(list(prompts), device=device, **self.token_limit(max_sequence_length))
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {EMBEDS: embeds, MASK: mask.long()}
@@ -146,9 +154,11 @@ class SD3Family(Family):
     required_text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     null_prompt = "Generate an image."  # the reference's unconditional prompt (its modeling_sd_3.py)
 
-    def encode(self, pipeline, prompts, device):
+    def encode(self, pipeline, prompts, device, max_sequence_length=None):
+        # max_sequence_length: T5's tokens (zeros without T5), after the CLIP tokens
         embeds, _, pooled, _ = pipeline.encode_prompt(
-            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            **self.token_limit(max_sequence_length),
         )
         return {EMBEDS: embeds, "pooled_prompt_embeds": pooled}
 
@@ -163,8 +173,10 @@ class FluxFamily(Family):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     required_text_components = text_components
 
-    def encode(self, pipeline, prompts, device):
-        embeds, pooled, _ = pipeline.encode_prompt(prompt=list(prompts), prompt_2=None, device=device)
+    def encode(self, pipeline, prompts, device, max_sequence_length=None):
+        embeds, pooled, _ = pipeline.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=device, **self.token_limit(max_sequence_length)
+        )
         return {EMBEDS: embeds, "pooled_prompt_embeds": pooled}
 
     def for_transformer(self, condition, transformer):

@@ -83,19 +83,21 @@ class PromptEncoder:
     ``PromptEncoder.from_pretrained(folder).encode(prompts)``; what ``twinflow encode`` uses.
     """
 
-    def __init__(self, pipeline: Any, family: Family, device: torch.device):
+    def __init__(self, pipeline: Any, family: Family, device: torch.device, max_sequence_length: int | None = None):
         self.pipeline = pipeline
         self.family = family
         self.device = torch.device(device)
+        self.max_sequence_length = max_sequence_length  # None: the family's (Family.token_limit)
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None
+        cls, folder: str | Path, *, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
+        max_sequence_length: int | None = None,
     ) -> PromptEncoder:
         loaded = load_pipeline(folder, device=device, dtype=dtype, load_transformer=False)
         if not loaded.can_encode:
             raise FileNotFoundError(_no_encoder_message(loaded.folder, loaded.family))
-        return cls(loaded.pipeline, loaded.family, loaded.device)
+        return cls(loaded.pipeline, loaded.family, loaded.device, max_sequence_length)
 
     @torch.no_grad()
     def encode(self, prompts: str | Sequence[str], batch_size: int | None = None) -> dict[str, Tensor]:
@@ -105,7 +107,7 @@ class PromptEncoder:
             raise ValueError("give one or more prompts (strings)")
         step = batch_size or len(prompts)
         chunks = [
-            self.family.encode(self.pipeline, prompts[start:start + step], self.device)
+            self.family.encode(self.pipeline, prompts[start:start + step], self.device, self.max_sequence_length)
             for start in range(0, len(prompts), step)
         ]
         return concatenate_conditions(chunks) if len(chunks) > 1 else chunks[0]
@@ -155,6 +157,7 @@ class TextToImage:
         offload: bool = False,
         load_text_encoder: bool = True,
         lora: str | Path | None = None,
+        max_sequence_length: int | None = None,
     ) -> TextToImage:
         """Load a diffusers pipeline folder (``QwenImagePipeline``, ``ZImagePipeline``,
         ``StableDiffusion3Pipeline`` or ``FluxPipeline``) with its TwinFlow adapter.
@@ -173,6 +176,8 @@ class TextToImage:
                 precomputed embeddings (small GPUs; folders without a text encoder).
             lora: a LoRA export of ``twinflow export`` (``pytorch_lora_weights.safetensors``
                 and the trained second time embedding) to apply to the folder's transformer.
+            max_sequence_length: the prompt encoding's token limit (``None``: the family's, else
+                the pipeline's); a model generates best with the limit its training cache used.
         """
         folder = Path(folder)
         family = folder_family(folder)
@@ -190,7 +195,7 @@ class TextToImage:
         )
         if not offload:
             adapter.to(loaded.device)
-        encoder = PromptEncoder(loaded.pipeline, family, loaded.device) if loaded.can_encode else None
+        encoder = PromptEncoder(loaded.pipeline, family, loaded.device, max_sequence_length) if loaded.can_encode else None
         return cls(
             loaded.pipeline, adapter, family, device=loaded.device, dtype=loaded.dtype, encoder=encoder, folder=folder
         )

@@ -35,11 +35,13 @@ def cache_from_pipeline(
     shard_size: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
+    max_sequence_length: int | None = None,
 ) -> tuple[CachedLatents, CaptionedImages]:
     """Encode the captioned ``data`` with the VAE and text encoder of ``pipeline`` into ``out_dir``.
 
     Returns the cache and the dataset (``dataset.report`` lists the skipped items, those found
     while encoding included). An interrupted run continues where it stopped when called again.
+    ``max_sequence_length``: the prompts' token limit (``None``: the family's, else the pipeline's).
 
     Raises:
         FileNotFoundError: the pipeline folder lacks its VAE or text encoder.
@@ -55,8 +57,9 @@ def cache_from_pipeline(
     # The family's null prompt ("Generate an image." for Qwen-Image and SD3, as the reference) and
     # token limit, the same ones generation uses.
     family = loaded.family
+    limit = family.token_limit(max_sequence_length).get("max_sequence_length")
     cache = cache_dataset(
-        dataset, vae_encoder(loaded.pipeline.vae), prompt_encoder(loaded.pipeline, family.max_sequence_length), out_dir,
+        dataset, vae_encoder(loaded.pipeline.vae), prompt_encoder(loaded.pipeline, limit), out_dir,
         shard_size=shard_size, batch_size=batch_size, progress=progress, overwrite=overwrite, null_prompt=family.null_prompt,
     )
     return cache, dataset
