@@ -9,6 +9,7 @@ through the one-step prediction, the gradients would differ.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -135,8 +136,9 @@ def expected_gradient(probe, result, data, labels, config):
         # the reference: k * loss(F, F - Delta_v).mean() over the one-step samples; here the
         # mean is over their expected number, count * share, equal to n when the batch is whole periods
         share = config.proportions.one_step / sum(config.proportions.as_dict().values())
+        shape = config if config.rectify_loss is None else dataclasses.replace(config, loss=config.rectify_loss)
         for j in range(n):
-            expected[one_step.start + j] += config.rectify_coefficient * reference_loss_gradient(delta[j], config) / (count * share)
+            expected[one_step.start + j] += config.rectify_coefficient * reference_loss_gradient(delta[j], shape) / (count * share)
     return expected
 
 
@@ -155,6 +157,17 @@ def test_gradient_matches_reference_with_barron_loss(preset):
     probe, result, data, labels = run(preset, seed=2, loss="barron")
     expected = expected_gradient(probe, result, data, labels, objective_config(preset, loss="barron"))
     torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss, rectify_loss", [("barron", "l2"), ("l2", "barron")])
+def test_rectify_loss_can_differ_from_the_base_loss(loss, rectify_loss):
+    probe, result, data, labels = run("twinflow", seed=5, loss=loss, rectify_loss=rectify_loss)
+    expected = expected_gradient(probe, result, data, labels, objective_config("twinflow", loss=loss, rectify_loss=rectify_loss))
+    torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
+    same = run("twinflow", seed=5, loss=loss)[0].output.grad
+    one_step = result.plan.slice("one_step")
+    assert not torch.allclose(same[one_step], probe.output.grad[one_step])  # only the one-step rows differ
+    torch.testing.assert_close(same[one_step.stop:], probe.output.grad[one_step.stop:])
 
 
 @pytest.mark.parametrize("batch, position", [(1, 0), (1, 3), (2, 2), (3, 1), (5, 6)])
@@ -357,5 +370,7 @@ def test_same_generator_same_loss():
 def test_unknown_preset_and_field_are_named():
     with pytest.raises(ValueError, match="unknown objective preset 'twin'"):
         objective_config("twin")
+    with pytest.raises(ValueError, match="objective.rectify_loss"):
+        objective_config("twinflow", rectify_loss="l1")
     with pytest.raises(ValueError, match="estimate_ordr"):
         objective_config("twinflow", estimate_ordr=2)

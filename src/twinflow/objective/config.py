@@ -40,6 +40,7 @@ class ObjectiveConfig:
     rectify_coefficient: float = 0.5  # k, weight of L_rectify; 0 = off
     time_weighting: bool = True  # tan((1 - (|t| - |r|)) * pi / 2.5) + 1 on non-fake samples
     loss: str = "l2"  # "l2" or "barron"
+    rectify_loss: str | None = None  # L_rectify's shape: None follows `loss` (the reference), or "l2" / "barron"
     barron_constant: float = 1e-3  # c of the Barron-style robust loss
     image_free: bool = False  # replace real data by the model's own one-step samples
     # Precision of the RCGM target's network calls under bf16 autocast: "float32" evaluates the
@@ -61,6 +62,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.target_precision must be one of {list(TARGET_PRECISIONS)}, got {self.target_precision!r}")
         if self.loss not in ("l2", "barron"):
             raise ValueError(f"objective.loss must be 'l2' or 'barron', got {self.loss!r}")
+        if self.rectify_loss not in (None, "l2", "barron"):
+            raise ValueError(f"objective.rectify_loss must be null (as objective.loss), 'l2' or 'barron', got {self.rectify_loss!r}")
         if len(self.time_distribution) != 3 or min(self.time_distribution) <= 0:
             raise ValueError(f"objective.time_distribution must be three positive numbers (a, b, c), got {self.time_distribution}")
         low, high = self.guidance_time_range

@@ -167,7 +167,8 @@ class TwinFlowObjective:
             )
             calls += rectify_calls
             rectify_target = (one_step_prediction.detach().float() - delta.float())
-            rectify_per_sample = per_sample_loss(one_step_prediction, rectify_target, config.loss, config.barron_constant)
+            shape = config.loss if config.rectify_loss is None else config.rectify_loss
+            rectify_per_sample = per_sample_loss(one_step_prediction, rectify_target, shape, config.barron_constant)
 
         # Every term is a sum over this batch's samples divided by the batch size; L_rectify's
         # mean over the one-step samples becomes a sum over them divided by their expected
