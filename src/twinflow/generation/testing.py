@@ -42,8 +42,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(model_max_length: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained in code on a few sentences (any text encodes)."""
+def tiny_tokenizer(model_max_length: int = 512, corpus: list[str] | None = None, vocab_size: int = VOCAB) -> Any:
+    """A byte-level BPE tokenizer trained in code on a few sentences (any text encodes); ``corpus``
+    and ``vocab_size`` replace the default sentences and size (a text encoder's vocabulary must
+    hold ``vocab_size`` tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,10 +53,10 @@ def tiny_tokenizer(model_max_length: int = 512) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<|endoftext|>", eos_token="<|im_end|>",
         model_max_length=model_max_length,
