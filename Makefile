@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 OUT ?= runs/demo
 
-.PHONY: venv demo test bench bench-finetune bench-bf16 gpu-check clean
+.PHONY: venv demo test bench bench-finetune bench-bf16 bench-distill gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ bench-bf16: venv
 
 gpu-check: venv
 	$(BIN)/python benchmarks/gpu_check.py
+
+bench-distill: venv
+	$(BIN)/python benchmarks/distill.py --out benchmarks/results/distill
 
 clean:
 	rm -rf $(VENV) runs
