@@ -424,6 +424,27 @@ def test_extra_weights_found_in_a_sharded_diffusers_folder(tmp_path):
         assert torch.equal(restored(x, TIMES, TIMES * 0.5, condition), adapter(x, TIMES, TIMES * 0.5, condition))
 
 
+def test_a_folder_of_pickled_weights_is_refused_unread(tmp_path, monkeypatch):
+    """Issue 14, item 6: the training path reads transformers from safetensors only."""
+    adapter, _ = adapted("sd3")
+    folder = tmp_path / "transformer"
+    adapter.transformer.save_pretrained(folder, safe_serialization=False)  # diffusion_pytorch_model.bin
+    assert not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin"))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickled weight file was opened")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ValueError, match=r"no \.safetensors weights \(only \['diffusion_pytorch_model\.bin'\]\)"):
+        load_adapter(folder)
+    monkeypatch.undo()
+    adapter.transformer.save_pretrained(folder)  # the same weights as safetensors beside the .bin: those are read
+    restored = load_adapter(folder)
+    x, condition = inputs("sd3")
+    with torch.no_grad():
+        assert torch.equal(restored(x, TIMES, TIMES * 0.5, condition), adapter(x, TIMES, TIMES * 0.5, condition))
+
+
 def test_wrong_extra_weights_are_named(tmp_path):
     adapter, _ = adapted("qwen_image")
     weights = extra_state_dict(adapter)

@@ -132,3 +132,25 @@ def test_console_script_help():
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "sample" in result.stdout
     assert "usage: twinflow" in result.stdout
+
+
+def test_training_into_an_earlier_run_without_resume_is_refused_and_changes_nothing(run, tmp_path, capsys):
+    """Issue 14, item 1: a fresh run into a run folder would overwrite and prune its checkpoints
+    and mix its logs; it is refused (exit 2, one line) before anything is written."""
+    before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in run.rglob("*") if path.is_file()}
+    code = main(["train", "--config", str(TINY), "--out", str(run), *_sets(SMALL + ["seed=7"])])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and str(run) in error and "--resume" in error
+    assert error.count("\n") == 1 and "Traceback" not in error
+    after = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in run.rglob("*") if path.is_file()}
+    assert after == before
+    # an empty folder (made by the user beforehand) is a fresh run's folder; a file is not
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--config", str(TINY), "--out", str(empty), *_sets(SMALL)]) == 0
+    assert list_checkpoints(empty) == [checkpoint_folder(empty, 3), checkpoint_folder(empty, 6)]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    assert main(["train", "--config", str(TINY), "--out", str(a_file), *_sets(SMALL)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"

@@ -123,7 +123,14 @@ def load_adapter(
         options["zero_time"] = zero_time  # still "auto" without twinflow.json: the weights decide
     if not weights:
         return _meta_adapter(folder, class_name, family, single_time_embedding, options, from_pretrained.get("dtype"))
-    transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **from_pretrained)
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(item.name for item in folder.iterdir() if item.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise ValueError(
+            f"{folder} holds no .safetensors weights{f' (only {pickled})' if pickled else ''}: twinflow loads "
+            "transformer weights from safetensors only, never from pickle files"
+        )
+    # use_safetensors=True: diffusers would otherwise fall back to a pickled .bin next to them
+    transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **{**from_pretrained, "use_safetensors": True})
     if single_time_embedding:
         return build_adapter(family, transformer, single_time_embedding=True, **options)
     extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")

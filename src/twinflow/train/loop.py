@@ -79,11 +79,28 @@ def train(config: dict, run_directory: str | Path, resume: bool = False) -> Trai
     Under ``torchrun`` every process calls this with the same arguments; the processes share
     the work as :mod:`twinflow.train.distributed` describes (``distributed.strategy``).
     """
+    # Before any process can write (the process group's rendezvous waits for every process's check).
+    refuse_existing_run(Path(run_directory), resume)
     context = setup_distributed(config["distributed"]["strategy"], config["device"])
     try:
         return _train(config, Path(run_directory), resume, context)
     finally:
         context.close()
+
+
+def refuse_existing_run(run_directory: Path, resume: bool) -> None:
+    """A fresh run starts only in a new or empty folder: training into an old run without
+    ``resume`` would overwrite and prune its checkpoints, mix its logs and leave its newest
+    checkpoint to be loaded as the new run's. Nothing is written before this check."""
+    if resume:
+        return
+    if run_directory.exists() and not run_directory.is_dir():
+        raise FileExistsError(f"--out {run_directory} is a file, not a run folder")
+    if run_directory.is_dir() and any(run_directory.iterdir()):
+        raise FileExistsError(
+            f"--out {run_directory} is not empty (an earlier run?): pass --resume to continue it, "
+            "or choose a new or empty folder; nothing was changed"
+        )
 
 
 def _train(config: dict, run_directory: Path, resume: bool, context: DistributedContext) -> TrainResult:
