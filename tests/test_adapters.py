@@ -445,6 +445,18 @@ def test_a_folder_of_pickled_weights_is_refused_unread(tmp_path, monkeypatch):
         assert torch.equal(restored(x, TIMES, TIMES * 0.5, condition), adapter(x, TIMES, TIMES * 0.5, condition))
 
 
+def test_a_lora_file_without_lora_weights_is_named(tmp_path):
+    """Issue 14, item 3: other weights under the LoRA file's name are an error, not the base model."""
+    from twinflow.adapters import load_lora_export
+    from twinflow.adapters.exported import LORA_WEIGHTS_FILE
+
+    export = tmp_path / "lora"
+    export.mkdir()
+    save_file({"transformer.proj_out.weight": torch.zeros(2, 2)}, str(export / LORA_WEIGHTS_FILE))
+    with pytest.raises(ValueError, match=r"pytorch_lora_weights\.safetensors holds no LoRA weights .*found transformer\.proj_out\.weight"):
+        load_lora_export(tmp_path / "no_base_needed", export)
+
+
 def test_wrong_extra_weights_are_named(tmp_path):
     adapter, _ = adapted("qwen_image")
     weights = extra_state_dict(adapter)

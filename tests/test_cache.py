@@ -209,7 +209,7 @@ def test_finished_cache_is_reused_or_refused(dataset, vae, reference: Path) -> N
     never = FailingAfter(vae_encoder(vae), 0)
     cache = cache_dataset(dataset, never, FakePromptEncoder(), reference, 3, 2, progress=False)
     assert len(cache) == 8  # same plan: returned without encoding
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
         cache_dataset(dataset, never, FakePromptEncoder(), reference, 4, 2, progress=False)
 
 
@@ -217,7 +217,7 @@ def test_partial_of_another_plan_is_refused_then_overwritten(dataset, vae, tmp_p
     out = tmp_path / "cache"
     with pytest.raises(RuntimeError):
         cache_dataset(dataset, FailingAfter(vae_encoder(vae), 1), FakePromptEncoder(), out, 2, 2, progress=False)
-    with pytest.raises(ValueError, match="plan differs"):
+    with pytest.raises(ValueError, match="plan differs.*pass --overwrite"):
         cache_dataset(dataset, vae_encoder(vae), FakePromptEncoder(), out, 4, 4, progress=False)
     cache = cache_dataset(dataset, vae_encoder(vae), FakePromptEncoder(), out, 4, 4, progress=False, overwrite=True)
     assert [shard["num_items"] for shard in cache.index["shards"]] == [4, 4]

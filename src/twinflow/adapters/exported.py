@@ -69,6 +69,18 @@ def recorded_zero_time(metadata: dict[str, Any], family: str | None) -> str:
     return metadata.get(ZERO_TIME_KEY, "reference")
 
 
+def check_lora_file(path: Path) -> None:
+    """A LoRA weights file holds LoRA matrices (``...lora_A...`` / ``...lora_B...`` keys); other
+    weights under its name would otherwise load as no adapter at all and leave the base model."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as weights:
+        keys = list(weights.keys())
+    if not any(".lora_A." in key or ".lora_B." in key for key in keys):
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "") if keys else "no tensors"
+        raise ValueError(f"{path} holds no LoRA weights (keys like '<module>.lora_A.weight' expected; found {shown})")
+
+
 def load_lora_export(
     base: str | Path, export: str | Path, *, z_image_zero_time: str = "auto", **from_pretrained: Any
 ) -> TransformerAdapter:
@@ -84,6 +96,7 @@ def load_lora_export(
     export = Path(export)
     if not (export / LORA_WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{export} is not a LoRA export: it has no {LORA_WEIGHTS_FILE}")
+    check_lora_file(export / LORA_WEIGHTS_FILE)
     extra = export / EXTRA_WEIGHTS_FILE
     if z_image_zero_time == "auto":
         metadata = read_metadata(export)

@@ -140,7 +140,7 @@ def cache_dataset(
         if existing.get("plan_sha256") == plan_hash:
             return CachedLatents(out_dir)
         raise FileExistsError(
-            f"{out_dir} already exists and holds another cache (or none); pass overwrite=True to replace it"
+            f"{out_dir} already exists and holds another cache (or none); pass --overwrite (overwrite=True in Python) to replace it"
         )
     if partial.exists():
         plan_path = partial / PLAN_FILE
@@ -149,7 +149,7 @@ def cache_dataset(
             if not overwrite:
                 raise ValueError(
                     f"{partial} is left from an interrupted cache pass with other data or settings "
-                    f"(its plan differs); delete it or pass overwrite=True"
+                    f"(its plan differs); delete it or pass --overwrite (overwrite=True in Python)"
                 )
             shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
