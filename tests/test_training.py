@@ -133,6 +133,9 @@ def test_nan_loss_stops_and_names_step_and_last_checkpoint(config, tmp_path, mon
     message = str(error.value)
     assert re.search(r"\bstep 4\b", message), message
     assert str(checkpoint_folder(tmp_path, 3)) in message
+    # what to change before resuming it (issue 14, item 4): the learning rate, named with its value
+    learning_rate = float(config["training"]["learning_rate"])
+    assert f"it was {learning_rate:g}" in message and f"--set training.learning_rate={learning_rate / 10:g}" in message
     # The named checkpoint is there and nothing later was written.
     assert list_checkpoints(tmp_path) == [checkpoint_folder(tmp_path, 3)]
 

@@ -224,7 +224,7 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
                 )
                 if not context.all_true(torch.isfinite(result.loss)):
                     loss = context.mean({"loss": float(result.loss.detach())})["loss"]
-                    raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint))
+                    raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint, float(peak)))
                 (result.loss / accumulation).backward()
             # Each term summed with its sample count: a micro-batch without a slice adds nothing.
             samples = result.term_samples()
@@ -235,7 +235,9 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
         clip = float(training["grad_clip"])
         gradient_norm = clip_gradients(model, clip if clip > 0 else math.inf)  # the same on every process
         if not torch.isfinite(gradient_norm):
-            raise TrainingDiverged(_diverged_message("gradient norm", float(gradient_norm), step + 1, last_checkpoint))
+            raise TrainingDiverged(
+                _diverged_message("gradient norm", float(gradient_norm), step + 1, last_checkpoint, float(peak))
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         teacher.update(unwrap(model))
@@ -329,9 +331,18 @@ def _silent(*args, **kwargs) -> None:
     """``print`` of the processes other than rank 0."""
 
 
-def _diverged_message(what: str, value: float, step: int, checkpoint: Path | None) -> str:
-    where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved yet"
+def _diverged_message(what: str, value: float, step: int, checkpoint: Path | None, learning_rate: float) -> str:
+    """What diverged and where, which checkpoint is left and what to change before resuming it:
+    the newest checkpoint is only the last one written before the failure (finite, not
+    necessarily healthy), so resuming it unchanged may diverge again."""
+    lower = f"{learning_rate / 10:g}"
+    if checkpoint is None:
+        return (f"training diverged: the {what} is {value} at step {step}; no checkpoint was saved yet. "
+                f"Start again with a lower training.learning_rate (it was {learning_rate:g}; e.g. {lower}) "
+                "and training.grad_clip on.")
     return (
-        f"training diverged: the {what} is {value} at step {step}; {where}. "
-        "Lower training.learning_rate, keep training.grad_clip on, or resume from that checkpoint."
+        f"training diverged: the {what} is {value} at step {step}; the newest checkpoint, {checkpoint}, is the last "
+        "one written before it (finite weights, possibly already unstable). Resume it with a lower learning rate "
+        f"(it was {learning_rate:g}): --resume --set training.learning_rate={lower}, training.grad_clip on; "
+        "if it diverges again, go back to an earlier checkpoint or start again."
     )
