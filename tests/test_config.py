@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,127 @@ def test_phase_learning_rate_is_optional_and_checked():
         load_config(None, ["phases=[{steps: 2, learning_rate: fast}]"])
     with pytest.raises(ConfigError, match="phases.0"):
         load_config(None, ["phases=[{steps: 2, rate: 1}]"])
+
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("override, key", [
+    # integers: a type slip or a negative count is named at load time, not as a TypeError in the loop
+    ("training.checkpoint_every=abc", "training.checkpoint_every"),
+    ("training.checkpoint_every=-1", "training.checkpoint_every"),
+    ("training.warmup_steps=abc", "training.warmup_steps"),
+    ("training.sample_every=1.5", "training.sample_every"),
+    ("training.log_every=0", "training.log_every"),
+    ("training.grad_accumulation=true", "training.grad_accumulation"),  # a bool is not an integer
+    ("training.keep_checkpoints=0", "training.keep_checkpoints"),
+    ("seed=abc", "seed"),
+    ("seed=-1", "seed"),
+    ("phases.1.steps=two", "phases.1.steps"),
+    # numbers and ranges
+    ("training.learning_rate=0", "training.learning_rate"),
+    ("training.weight_decay=-0.1", "training.weight_decay"),
+    ("training.grad_clip=nan", "training.grad_clip"),
+    ("training.ema_decay=abc", "training.ema_decay"),
+    ("training.betas=[0.9]", "training.betas"),
+    ("training.betas=[0.9, 1.0]", "training.betas"),
+    ("phases=[{steps: 2, learning_rate: -1}]", "phases.0.learning_rate"),
+    # booleans, choices, strings
+    ("training.tensorboard=yes please", "training.tensorboard"),
+    ("training.progress=1", "training.progress"),
+    ("training.init_from=5", "training.init_from"),
+    ("device=tpu", "device"),
+    ("device=cuda:x", "device"),
+    ("data.channels=2", "data.channels"),
+    ("data.limit=0", "data.limit"),
+    ("data.split=val", "data.split"),
+    ("data.source=imagenet", "data.source"),
+    ("distributed.find_unused_parameters=no thanks", "distributed.find_unused_parameters"),
+    ("training=5", "training"),
+    # sampling: presets through the sampler's own parser
+    ("sampling.presets=[1nfee]", "sampling.presets"),
+    ("sampling.presets=[multi:steps=0]", "sampling.presets"),
+    ("sampling.presets=5", "sampling.presets"),
+    ("sampling.per_class=abc", "sampling.per_class"),
+    ("sampling.seed=0.5", "sampling.seed"),
+    ("sampling.use_ema=1", "sampling.use_ema"),
+    # the model's fields, typed by its config dataclass
+    ("model.channels=abc", "model.channels"),
+    ("model.channels=[16, 0]", "model.channels"),
+    ("model.embedding_dim=wide", "model.embedding_dim"),
+    ("model.patch_size=0", "model.patch_size"),
+    ("model.attention_heads=-1", "model.attention_heads"),
+    # the objective: ObjectiveConfig's ranges, named with the phase
+    ("phases.1.objective.consistency_ratio=2", "phases.1.objective.consistency_ratio"),
+    ("phases.1.objective.residual_clamp=0", "phases.1.objective.residual_clamp"),
+    ("phases.1.objective.estimate_order=true", "phases.1.objective.estimate_order"),
+    ("phases.1.objective.multi_step_max_gap=-0.5", "phases.1.objective.multi_step_max_gap"),
+    ("phases.1.objective.barron_constant=0", "phases.1.objective.barron_constant"),
+    ("phases.1.objective.time_weighting=maybe", "phases.1.objective.time_weighting"),
+    ("phases.1.objective.time_distribution=abc", "phases.1.objective.time_distribution"),
+    ("phases.1.objective=twinflow", "phases.1.objective"),
+    ("phases.1.objective.preset=nope", "phases.1.objective.preset"),
+    # rules between keys
+    ("training.gradient_checkpointing=true", "training.gradient_checkpointing"),
+    ("training.lora={rank: 4}", "training.lora"),
+])
+def test_every_rule_names_the_dotted_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(TINY, [override])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.family=qwen"], "model.family"),
+    (["model.dtype=fp16"], "model.dtype"),
+    (["model.single_time_embedding=1"], "model.single_time_embedding"),
+    (["model.path=null"], "model.path"),
+    (["model.dtype=bf16", "training.lora=null"], "model.dtype"),  # bf16 weights are for a frozen base
+    (["model.dtype=bf16", "precision=fp32"], "model.dtype"),
+    (["model.single_time_embedding=true"], "train_second_embedding"),  # the lora trains emb_2
+])
+def test_diffusers_model_fields_and_cross_rules_are_named(overrides, key):
+    path = TINY.parent / "qwen_image_twinflow.yaml"
+    load_config(path)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(path, overrides)
+
+
+def test_valid_edge_values_still_load():
+    config = load_config(TINY, [
+        "training.checkpoint_every=0", "training.warmup_steps=0", "training.sample_every=0", "training.grad_clip=0",
+        "training.ema_decay=0", "training.weight_decay=0", "training.betas=[0, 0.999]", "seed=0", "device=cuda:1",
+        "phases.1.objective.consistency_ratio=1", "phases.1.objective.multi_step_max_gap=0",
+        "phases.1.objective.barron_constant=1e-3", "sampling.presets=[multi:steps=50, '4nfe:gaps=[0.001,0.4]']",
+        "model.attention_heads=0", "training.init_from=runs/old",
+    ])
+    assert config["training"]["checkpoint_every"] == 0 and config["training"]["warmup_steps"] == 0
+    assert config["sampling"]["presets"] == ["multi:steps=50", "4nfe:gaps=[0.001,0.4]"]
+    assert config["phases"][1]["objective"]["consistency_ratio"] == 1
+
+
+def test_values_are_normalised_for_the_run():
+    config = load_config(TINY, ["training.learning_rate=2e-4", "training.betas=['9e-1', 0.99]", "sampling.presets=1nfe,2nfe"])
+    assert config["training"]["learning_rate"] == 2e-4  # YAML reads 2e-4 as a string
+    assert config["training"]["betas"] == [0.9, 0.99]
+    assert config["sampling"]["presets"] == ["1nfe", "2nfe"]
+
+
+def test_a_section_given_whole_keeps_its_defaults_and_checks_its_keys():
+    config = load_config(None, ["training={batch_size: 3}"])
+    assert config["training"]["batch_size"] == 3
+    assert config["training"]["learning_rate"] == DEFAULTS["training"]["learning_rate"]
+    with pytest.raises(ConfigError, match=r"training\.batch_sise"):
+        load_config(None, ["training={batch_sise: 3}"])
+
+
+def test_every_default_key_has_a_rule():
+    from twinflow.train.config import RULES
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    assert set(RULES) == set(leaves(DEFAULTS)) - {"model.name", "phases"}  # those two: _validate_model, phase_objective

@@ -374,3 +374,54 @@ def test_unknown_preset_and_field_are_named():
         objective_config("twinflow", rectify_loss="l1")
     with pytest.raises(ValueError, match="estimate_ordr"):
         objective_config("twinflow", estimate_ordr=2)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"consistency_ratio": 1.5}, "consistency_ratio"),  # r could fall below 0: real samples in the fake half
+    ({"consistency_ratio": -0.1}, "consistency_ratio"),
+    ({"multi_step_max_gap": 2}, "multi_step_max_gap"),
+    ({"residual_clamp": 0}, "residual_clamp"),  # would zero L_base
+    ({"residual_clamp": -1.0}, "residual_clamp"),
+    ({"estimate_order": -1}, "estimate_order"),
+    ({"estimate_order": 1.5}, "estimate_order"),
+    ({"estimate_order": True}, "estimate_order"),  # a bool is not a count
+    ({"small_step": 0}, "small_step"),
+    ({"guidance_ratio": -0.5}, "guidance_ratio"),
+    ({"rectify_coefficient": -1}, "rectify_coefficient"),
+    ({"barron_constant": 0}, "barron_constant"),
+    ({"barron_constant": "tiny"}, "barron_constant"),
+    ({"time_weighting": "yes"}, "time_weighting"),
+    ({"image_free": 1}, "image_free"),
+    ({"time_distribution": (1.0, 0.0, 1.0)}, "time_distribution"),
+    ({"time_distribution": "abc"}, "time_distribution"),
+    ({"guidance_time_range": (0.8, 0.2)}, "guidance_time_range"),
+    ({"guidance_time_range": [0.5]}, "guidance_time_range"),
+    ({"proportions": {"fake": -1.0}}, "proportions.fake"),
+    ({"proportions": {"fake": "half"}}, "proportions.fake"),
+    ({"proportions": 3}, "proportions"),
+    ({"residual_clamp": float("nan")}, "residual_clamp"),
+])
+def test_objective_ranges_and_types_are_named(overrides, field):
+    with pytest.raises(ValueError, match=rf"objective\.{field} "):
+        objective_config("twinflow", **overrides)
+
+
+def test_objective_range_checks_hold_for_the_dataclass_itself():
+    from twinflow.objective import ObjectiveConfig
+
+    with pytest.raises(ValueError, match=r"objective\.consistency_ratio"):
+        ObjectiveConfig(consistency_ratio=2.0)
+    with pytest.raises(ValueError, match=r"objective\.residual_clamp"):
+        ObjectiveConfig(residual_clamp=0.0)
+
+
+def test_objective_edge_values_and_presets_are_valid():
+    from twinflow.objective import OBJECTIVE_PRESETS
+
+    assert set(OBJECTIVE_PRESETS) >= {"twinflow", "rcgm", "flow_matching"}  # built at import: all pass the checks
+    config = objective_config(
+        "twinflow", consistency_ratio=1, multi_step_max_gap=0, estimate_order=0, guidance_ratio=0,
+        rectify_coefficient=0, guidance_time_range=[0, 1], barron_constant="1e-3",
+    )
+    assert config.consistency_ratio == 1 and config.barron_constant == 1e-3  # YAML's "1e-3" string is a number
+    assert objective_config("twinflow", consistency_ratio=0.0).consistency_ratio == 0.0

@@ -2,10 +2,49 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 
 TARGET_PRECISIONS = ("auto", "float32", "compute")
+
+
+# The checks of ObjectiveConfig.__post_init__ (the presets below are built at import).
+def _is_number(value: object) -> bool:
+    """A finite int or float; a bool is not a number here, though Python counts it as an int."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: object, count: int) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == count and all(_is_number(item) for item in value)
+
+
+def _require(accepted: bool, name: str, expected: str, value: object) -> None:
+    """The one error shape: ``objective.<field> must be <expected>, got <value>``."""
+    if not accepted:
+        raise ValueError(f"objective.{name} must be {expected}, got {value!r}")
+
+
+def _float_text(value: object) -> object:
+    """``"1e-3"`` as 0.001; anything else unchanged, for ``__post_init__`` to accept or name."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _float_tuple(value: object) -> object:
+    """A list of numbers (or numeric strings) as a tuple of floats; anything else unchanged."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    items = [_float_text(item) for item in value]
+    return tuple(float(item) if _is_number(item) else item for item in items)
 
 
 @dataclass(frozen=True)
@@ -50,25 +89,43 @@ class ObjectiveConfig:
     target_precision: str = "auto"
 
     def __post_init__(self):
+        # Types first, so a YAML slip ("abc", a bool for a count) is named here and not later as
+        # a TypeError deep in the loss; then the ranges outside which the objective is wrong.
         p = self.proportions
-        values = [p.one_step, p.multi_step, p.any_step, p.fake]
-        if any(v < 0 for v in values) or sum(values) <= 0:
+        if not isinstance(p, SliceProportions):
+            raise ValueError(f"objective.proportions must be a mapping of {list(SliceProportions().as_dict())}, got {p!r}")
+        for name, value in p.as_dict().items():
+            _require(_is_number(value) and value >= 0, f"proportions.{name}", "a number >= 0", value)
+        if sum(p.as_dict().values()) <= 0:
             raise ValueError(f"objective.proportions must be >= 0 with a positive sum, got {p.as_dict()}")
-        if self.estimate_order < 0:
-            raise ValueError(f"objective.estimate_order must be >= 0, got {self.estimate_order}")
-        if not 0 < self.small_step < 1:
-            raise ValueError(f"objective.small_step must lie in (0, 1), got {self.small_step}")
+        _require(
+            _is_integer(self.estimate_order) and self.estimate_order >= 0, "estimate_order", "an integer >= 0", self.estimate_order
+        )
+        for name, expected, inside in (
+            # above 1, r could fall below 0: real samples would land in the fake (negative-time) half
+            ("consistency_ratio", "a number in [0, 1]", lambda value: 0 <= value <= 1),
+            ("multi_step_max_gap", "a number in [0, 1]", lambda value: 0 <= value <= 1),
+            ("small_step", "a number in (0, 1)", lambda value: 0 < value < 1),
+            ("residual_clamp", "a number > 0", lambda value: value > 0),  # at 0 or below it zeroes L_base
+            ("guidance_ratio", "a number >= 0", lambda value: value >= 0),
+            ("rectify_coefficient", "a number >= 0", lambda value: value >= 0),
+            ("barron_constant", "a number > 0", lambda value: value > 0),
+        ):
+            value = getattr(self, name)
+            _require(_is_number(value) and inside(value), name, expected, value)
+        for name in ("time_weighting", "image_free"):
+            _require(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
         if self.target_precision not in TARGET_PRECISIONS:
             raise ValueError(f"objective.target_precision must be one of {list(TARGET_PRECISIONS)}, got {self.target_precision!r}")
         if self.loss not in ("l2", "barron"):
             raise ValueError(f"objective.loss must be 'l2' or 'barron', got {self.loss!r}")
         if self.rectify_loss not in (None, "l2", "barron"):
             raise ValueError(f"objective.rectify_loss must be null (as objective.loss), 'l2' or 'barron', got {self.rectify_loss!r}")
-        if len(self.time_distribution) != 3 or min(self.time_distribution) <= 0:
-            raise ValueError(f"objective.time_distribution must be three positive numbers (a, b, c), got {self.time_distribution}")
-        low, high = self.guidance_time_range
-        if not 0 <= low <= high <= 1:
-            raise ValueError(f"objective.guidance_time_range must satisfy 0 <= low <= high <= 1, got {self.guidance_time_range}")
+        distribution = self.time_distribution
+        if not _numbers(distribution, 3) or min(distribution) <= 0:
+            raise ValueError(f"objective.time_distribution must be three positive numbers (a, b, c), got {distribution!r}")
+        if not _numbers(self.guidance_time_range, 2) or not 0 <= self.guidance_time_range[0] <= self.guidance_time_range[1] <= 1:
+            raise ValueError(f"objective.guidance_time_range must be two numbers with 0 <= low <= high <= 1, got {self.guidance_time_range!r}")
         from twinflow.objective.partition import integer_weights  # partition imports this module
 
         integer_weights(p)  # the slice pattern must have a manageable period (spec 2.1 rotation)
@@ -101,9 +158,13 @@ class ObjectiveConfig:
             values["proportions"] = SliceProportions(**values["proportions"])
         for key in ("time_distribution", "guidance_time_range"):
             if key in values:
-                values[key] = tuple(float(v) for v in values[key])
+                values[key] = _float_tuple(values[key])
+        for key in _FLOAT_FIELDS & set(values):  # YAML reads 1e-3 (no dot) as a string
+            values[key] = _float_text(values[key])
         return cls(**values)
 
+
+_FLOAT_FIELDS = {field.name for field in fields(ObjectiveConfig) if field.type == "float"}
 
 OBJECTIVE_PRESETS: dict[str, ObjectiveConfig] = {
     # All terms: L_base on three slices, L_adv on the fake slice, L_rectify on the one-step slice.

@@ -3,25 +3,43 @@
 A config is plain nested data (dicts, lists, scalars) validated against the defaults below:
 every key of a user's file or override must exist here (or be a field of the named model,
 objective preset or data config), so a typo is an error that names the key, not a silent no-op.
+Every value is checked at load time too, before any model is built: one rule per key in
+:data:`RULES` (type and range), the model's fields by its config dataclass, each phase's
+objective by :class:`~twinflow.objective.ObjectiveConfig`, then the rules between keys.
 """
 
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from twinflow.data import DataConfig
+from twinflow.data import SOURCES, SPLITS, DataConfig
 from twinflow.models import MODELS
-from twinflow.objective import ObjectiveConfig, objective_config
-from twinflow.train.lora import lora_options
+from twinflow.objective import OBJECTIVE_PRESETS, ObjectiveConfig, objective_config
+from twinflow.train.rules import (
+    ConfigError,
+    Rule,
+    boolean,
+    choice,
+    device,
+    integer,
+    integers,
+    lora,
+    number,
+    numbers,
+    optional,
+    sampler_specs,
+    string,
+)
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "device": "auto",  # auto | cpu | cuda | cuda:N | mps
     "precision": "fp32",  # fp32 | bf16 (autocast)
     # source: an image source of twinflow.data.DataConfig, or latent_cache (root: a folder written
     # by twinflow.data.cache_dataset; the other data keys stay unset).
@@ -75,9 +93,50 @@ LATENT_CACHE = "latent_cache"  # data.source of a latent cache (twinflow.train.d
 _FREE_KEYS = {"model", "objective"}  # validated against the model / objective dataclasses
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+# One rule per key of DEFAULTS; ``model`` and ``phases`` have their own below (the model's
+# dataclass, PHASE_RULES and ObjectiveConfig), and the rules between keys follow in validate.
+RULES: dict[str, Rule] = {
+    "seed": integer(minimum=0),
+    "device": device(),
+    "precision": choice("fp32", "bf16"),
+    "data.source": choice(*SOURCES, LATENT_CACHE),
+    "data.root": optional(string()),
+    "data.image_size": optional(integer(minimum=1)),
+    "data.channels": choice(1, 3),
+    "data.limit": optional(integer(minimum=1)),
+    "data.split": choice(*SPLITS),
+    "training.batch_size": integer(minimum=1),
+    "training.grad_accumulation": integer(minimum=1),
+    "training.optimizer": choice("adam", "adamw"),
+    "training.learning_rate": number(minimum=0, open_minimum=True),
+    "training.weight_decay": number(minimum=0),
+    "training.betas": numbers(2, minimum=0, maximum=1, open_maximum=True),
+    "training.warmup_steps": integer(minimum=0),
+    "training.grad_clip": number(minimum=0),
+    "training.ema_decay": number(minimum=0, maximum=1, open_maximum=True),
+    "training.init_from": optional(string()),
+    "training.gradient_checkpointing": boolean(),
+    "training.lora": lora(),
+    "training.log_every": integer(minimum=1),
+    "training.sample_every": integer(minimum=0),  # 0: only at the end
+    "training.checkpoint_every": integer(minimum=0),  # 0: no intermediate checkpoints
+    "training.keep_checkpoints": integer(minimum=1),
+    "training.tensorboard": boolean(),
+    "training.progress": boolean(),
+    "sampling.presets": sampler_specs(),
+    "sampling.per_class": integer(minimum=1),
+    "sampling.use_ema": boolean(),
+    "sampling.seed": integer(minimum=0),
+    "distributed.strategy": choice(*STRATEGIES),
+    "distributed.consolidate": boolean(),
+    "distributed.find_unused_parameters": boolean(),
+}
 
+PHASE_RULES: dict[str, Rule] = {
+    "steps": integer(minimum=1),
+    "learning_rate": number(minimum=0, open_minimum=True),
+    "objective.preset": choice(*OBJECTIVE_PRESETS),
+}
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Defaults, then the YAML file, then ``key.sub=value`` overrides; validated."""
@@ -143,62 +202,46 @@ def set_key(config: dict, dotted: str, value: Any) -> None:
         if part not in node and not free:
             raise ConfigError(f"unknown config key {here!r}; known keys here: {sorted(node)}")
         if is_last:
+            if depth == 0 and part not in _FREE_KEYS and isinstance(DEFAULTS[part], dict) and isinstance(value, dict):
+                value = merge(node[part], value, f"{here}.")  # training={...}: sets its keys, checked
             node[part] = value
             return
         node = node.setdefault(part, {})
 
 
 def validate(config: dict) -> None:
-    """Check every section against the objects it will build; raise ConfigError naming the key."""
-    if config["precision"] not in ("fp32", "bf16"):
-        raise ConfigError(f"precision must be 'fp32' or 'bf16', got {config['precision']!r}")
-    _validate_data(config["data"])
-    model = dict(config["model"])
-    name = model.pop("name", None)
-    if name not in MODELS:
-        raise ConfigError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
-    known = {f.name for f in fields(MODELS[name][0])}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; model {name!r} takes {sorted(known)}")
+    """Check every key (:data:`RULES`, the model's and each phase's fields), then the rules
+    between keys; normalise values in place (``"1e-3"`` -> 0.001). Raises ConfigError naming the key."""
+    for section, default in DEFAULTS.items():
+        if isinstance(default, dict) and section not in _FREE_KEYS and not isinstance(config[section], dict):
+            raise ConfigError(f"{section} must be a mapping of keys like {section}.{next(iter(default))}, got {config[section]!r}")
+    for key, rule in RULES.items():
+        section, _, name = key.rpartition(".")
+        node = config[section] if section else config
+        node[name] = rule.check(node[name], key)
+    _validate_model(config["model"])
     if not isinstance(config["phases"], list) or not config["phases"]:
         raise ConfigError("phases must be a non-empty list of {steps, objective}")
     for number, phase in enumerate(config["phases"]):
         phase_objective(phase, f"phases.{number}")
-    training = config["training"]
-    for key in ("learning_rate", "weight_decay", "grad_clip", "ema_decay"):
-        training[key] = _as_float(training[key], f"training.{key}")
-    if training["optimizer"] not in ("adam", "adamw"):
-        raise ConfigError(f"training.optimizer must be 'adam' or 'adamw', got {training['optimizer']!r}")
-    for key in ("batch_size", "grad_accumulation", "keep_checkpoints", "log_every"):
-        if not isinstance(training[key], int) or training[key] < 1:
-            raise ConfigError(f"training.{key} must be a positive integer, got {training[key]!r}")
-    if not isinstance(training["gradient_checkpointing"], bool):
-        raise ConfigError(f"training.gradient_checkpointing must be true or false, got {training['gradient_checkpointing']!r}")
-    try:
-        training["lora"] = lora_options(training["lora"])
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    if training["lora"] is not None and training["lora"]["train_second_embedding"] and config["model"].get("single_time_embedding"):
+    _validate_cross_keys(config)
+
+
+def _validate_cross_keys(config: dict) -> None:
+    """Rules between keys, each key already valid on its own."""
+    _validate_data(config["data"])
+    model, training = config["model"], config["training"]
+    for key in ("lora", "gradient_checkpointing"):
+        if training[key] and model["name"] != "diffusers":
+            raise ConfigError(f"training.{key} needs a diffusers transformer (model.name: diffusers), got model.name {model['name']!r}")
+    if training["lora"] is not None and training["lora"]["train_second_embedding"] and model.get("single_time_embedding"):
         raise ConfigError("training.lora.train_second_embedding needs a second time embedding, but model.single_time_embedding is set")
     _validate_weight_dtype(config)
-    if not 0 <= float(training["ema_decay"]) < 1:
-        raise ConfigError(f"training.ema_decay must lie in [0, 1), got {training['ema_decay']}")
-    distributed = config["distributed"]
-    if not isinstance(distributed, dict):
-        raise ConfigError(f"distributed must be a mapping like {{strategy: ddp}}, got {distributed!r}")
-    if distributed["strategy"] not in STRATEGIES:
-        raise ConfigError(f"distributed.strategy must be one of {list(STRATEGIES)}, got {distributed['strategy']!r}")
-    for key in ("consolidate", "find_unused_parameters"):
-        if not isinstance(distributed[key], bool):
-            raise ConfigError(f"distributed.{key} must be true or false, got {distributed[key]!r}")
 
 
 def _validate_weight_dtype(config: dict) -> None:
     """``model.dtype: bf16`` (diffusers models) is for a frozen base under LoRA with bf16 compute."""
     dtype = config["model"].get("dtype", "fp32")
-    if dtype not in ("fp32", "bf16"):
-        raise ConfigError(f"model.dtype must be 'fp32' or 'bf16', got {dtype!r}")
     if dtype == "bf16" and config["training"]["lora"] is None:
         raise ConfigError(
             "model.dtype: bf16 stores the pretrained weights in bfloat16, which is for a frozen base under "
@@ -210,8 +253,8 @@ def _validate_weight_dtype(config: dict) -> None:
 
 
 def _validate_data(data: dict) -> None:
-    if data.get("source") == LATENT_CACHE:
-        if not data.get("root"):
+    if data["source"] == LATENT_CACHE:
+        if not data["root"]:
             raise ConfigError("data.root is required for data.source=latent_cache (a folder written by cache_dataset)")
         fixed = {key: value for key, value in DEFAULTS["data"].items() if key not in ("source", "root")}
         changed = sorted(key for key, value in fixed.items() if data.get(key) != value)
@@ -222,6 +265,68 @@ def _validate_data(data: dict) -> None:
         DataConfig(**data)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"data: {error}") from error
+
+
+def _validate_model(model: Any) -> None:
+    """``model.name`` and each given field, typed by the annotations of the model's config
+    dataclass (``model.channels=abc`` is named here, not as a ``int()`` error in the build)."""
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping like {{name: unet}}, got {model!r}")
+    name = model.get("name")
+    if not isinstance(name, str) or name not in MODELS:
+        raise ConfigError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+    config_class = MODELS[name][0]
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(model) - known - {"name"})
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; model {name!r} takes {sorted(known)}")
+    annotations = typing.get_type_hints(config_class)
+    choices = _model_choices(name)
+    for key, value in model.items():
+        if key == "name":
+            continue
+        rule = choices.get(key) or _annotation_rule(annotations[key], _MODEL_MINIMUMS.get(key, 1))
+        if rule is not None:
+            rule.check(value, f"model.{key}")
+    if name == "diffusers" and not model.get("path"):
+        raise ConfigError("model.path is required for model.name=diffusers (a diffusers transformer folder)")
+
+
+# Integers of a model config are counts and sizes (>= 1), except these, where 0 switches a part off.
+_MODEL_MINIMUMS = {"attention_heads": 0}
+
+
+def _annotation_rule(annotation: Any, minimum: int) -> Rule | None:
+    """The rule of a model-config field from its type annotation; None: not checked here."""
+    arguments = typing.get_args(annotation)
+    if len(arguments) == 2 and type(None) in arguments:  # X | None
+        inner = _annotation_rule(next(a for a in arguments if a is not type(None)), minimum)
+        return optional(inner) if inner is not None else None
+    if typing.get_origin(annotation) in (tuple, list) and arguments and arguments[0] is int:
+        return integers(minimum)
+    if annotation is bool:
+        return boolean()
+    if annotation is int:
+        return integer(minimum)
+    if annotation is float:
+        return number()
+    if annotation is str:
+        return string()
+    return None
+
+
+def _model_choices(name: str) -> dict[str, Rule]:
+    """Fields of a model config with a fixed set of values (otherwise checked only at build)."""
+    if name != "diffusers":
+        return {}
+    from twinflow.adapters import ADAPTERS, ZERO_TIMES  # deferred: the adapters are only for this model
+    from twinflow.models.diffusers import WEIGHT_DTYPES
+
+    return {
+        "family": choice("auto", *sorted(ADAPTERS)),
+        "dtype": choice(*WEIGHT_DTYPES),
+        "z_image_zero_time": choice("auto", *ZERO_TIMES),
+    }
 
 
 def check_world_size(config: dict, world_size: int) -> None:
@@ -238,32 +343,27 @@ def check_world_size(config: dict, world_size: int) -> None:
         )
 
 
-def _as_float(value: Any, where: str) -> float:
-    """YAML reads ``1e-3`` (no dot) as a string; accept it, reject what is not a number."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be a number, got {value!r}") from None
-
-
 def phase_objective(phase: Any, where: str) -> ObjectiveConfig:
     """The objective config of one phase, validated (errors name ``phases.N.…``)."""
     if not isinstance(phase, dict) or set(phase) - {"steps", "objective", "learning_rate"}:
         raise ConfigError(
             f"{where} must be a mapping with keys 'steps', 'objective' and optionally 'learning_rate', got {phase!r}"
         )
+    phase["steps"] = PHASE_RULES["steps"].check(phase.get("steps"), f"{where}.steps")
     if "learning_rate" in phase:
-        phase["learning_rate"] = _as_float(phase["learning_rate"], f"{where}.learning_rate")
-    if not isinstance(phase.get("steps"), int) or phase["steps"] < 1:
-        raise ConfigError(f"{where}.steps must be a positive integer, got {phase.get('steps')!r}")
-    objective = dict(phase.get("objective") or {})
-    preset = objective.pop("preset", "twinflow")
+        phase["learning_rate"] = PHASE_RULES["learning_rate"].check(phase["learning_rate"], f"{where}.learning_rate")
+    objective = phase.get("objective") or {}
+    if not isinstance(objective, dict):
+        raise ConfigError(f"{where}.objective must be a mapping like {{preset: twinflow}}, got {objective!r}")
+    objective = dict(objective)
+    preset = PHASE_RULES["objective.preset"].check(objective.pop("preset", "twinflow"), f"{where}.objective.preset")
     try:
         return objective_config(preset, **objective)
     except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}.objective: {error}") from error
+        message = str(error)  # ObjectiveConfig names fields "objective.<field>": make it the full key
+        if message.startswith("objective."):
+            raise ConfigError(f"{where}.{message}") from error
+        raise ConfigError(f"{where}.objective: {message}") from error
 
 
 def model_arguments(config: dict) -> tuple[str, dict]:
