@@ -7,19 +7,25 @@ The last test launches ``torchrun -m twinflow.cli train`` as a user would.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from spawn import WORLD, spawn, train_under_torchrun
 
 from twinflow.models import UNet, build_model
 from twinflow.objective import TwinFlowObjective, objective_config
 from twinflow.teacher import EMATeacher
+from twinflow.train import safe_dcp
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints
 from twinflow.train.config import ConfigError, check_world_size, load_config
 from twinflow.train.distributed import (
@@ -237,6 +243,121 @@ def test_resume_with_another_process_count_is_refused(spawned):
     with pytest.raises(ValueError, match=r"2 process\(es\) with distributed.strategy='ddp'.*same number"):
         load_training_checkpoint(DistributedContext(), spawned / "ddp_uninterrupted", model,
                                  EMATeacher(model, 0.99), optimizer, torch.Generator())
+
+
+# ---- (b2) a tampered sharded checkpoint runs nothing ---------------------------------------------
+
+
+class _CreatesMarker:
+    """Unpickling this creates ``marker``: a stand-in for whatever code a tampered pickle could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _fsdp_config() -> dict:
+    return load_config(TINY, SMALL + ["distributed.strategy=fsdp"])  # the fixture's fsdp config
+
+
+def _resume_and_record(rank: int, run: Path, config: dict, out: Path) -> None:
+    """Resume ``run``; record the ValueError it raises (or that it resumed) for the pytest process."""
+    try:
+        train(config, run, resume=True)
+    except ValueError as error:
+        (out / f"rank{rank}.txt").write_text(str(error))
+    else:
+        (out / f"rank{rank}.txt").write_text("resumed")
+
+
+def test_tampered_dcp_metadata_runs_nothing_on_resume_or_export(spawned, tmp_path):
+    run, marker, out = tmp_path / "run", tmp_path / "marker", tmp_path / "reports"
+    shutil.copytree(spawned / "fsdp_uninterrupted", run)
+    out.mkdir()
+    metadata = list_checkpoints(run)[-1] / "sharded" / ".metadata"
+    payload = pickle.dumps(_CreatesMarker(marker))
+    metadata.write_bytes(payload)
+
+    spawn(_resume_and_record, run, _fsdp_config(), out)
+    for rank in range(WORLD):
+        message = (out / f"rank{rank}.txt").read_text()
+        assert "refusing to load DCP metadata" in message and "pathlib.Path.touch" in message, message
+        assert str(metadata) in message
+    assert not marker.exists()
+
+    with pytest.raises(ValueError, match=r"refusing to load DCP metadata .*\.metadata: it names pathlib\.Path\.touch"):
+        export_consolidated(metadata.parent.parent)
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload is live: an ordinary unpickler runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("global_name, payload", [
+    ("pathlib.Path.touch", lambda marker: pickle.dumps(_CreatesMarker(marker))),
+    ("posix.system", lambda marker: b"cposix\nsystem\n(Vtouch " + str(marker).encode() + b"\ntR."),
+    ("builtins.exec", lambda marker: b"cbuiltins\nexec\n(Vopen(" + repr(str(marker)).encode() + b", 'w')\ntR."),
+])
+def test_safe_reader_refuses_foreign_globals(spawned, tmp_path, global_name, payload):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(checkpoint_folder(spawned / "fsdp_uninterrupted", 6) / "sharded", sharded)
+    genuine = safe_dcp.SafeFileSystemReader(sharded).read_metadata()  # a real FSDP metadata file loads
+    assert genuine.state_dict_metadata == dcp.FileSystemReader(sharded).read_metadata().state_dict_metadata
+    assert any(key.startswith("optimizer.") for key in genuine.state_dict_metadata)
+
+    marker = tmp_path / "marker"
+    (sharded / ".metadata").write_bytes(payload(marker))
+    expected = f"refusing to load DCP metadata {sharded / '.metadata'}: it names {global_name}, which"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        safe_dcp.SafeFileSystemReader(sharded).read_metadata()
+    assert not marker.exists()
+
+
+def test_safe_reader_refuses_data_files_outside_the_folder(spawned, tmp_path):
+    """A tampered (but well-typed) metadata file must not make DCP read another file."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(checkpoint_folder(spawned / "fsdp_uninterrupted", 6) / "sharded", sharded)
+    metadata = dcp.FileSystemReader(sharded).read_metadata()
+    first = next(iter(metadata.storage_data))
+    metadata.storage_data[first].relative_path = "../../elsewhere.distcp"
+    metadata.storage_meta = None
+    (sharded / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ValueError, match=r"points a data file at '\.\./\.\./elsewhere\.distcp', outside"):
+        safe_dcp.SafeFileSystemReader(sharded).read_metadata()
+
+
+def test_safe_reader_wants_a_metadata_record(tmp_path):
+    (tmp_path / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": {}}))
+    with pytest.raises(ValueError, match="holds a dict, not a Metadata"):
+        safe_dcp.SafeFileSystemReader(tmp_path).read_metadata()
+
+
+def test_safe_planner_loads_plain_values_and_refuses_pickled_code(tmp_path):
+    """Non-tensor entries (BYTE_IO, e.g. the optimizer's param_groups) go through load_bytes."""
+    groups = [{"lr": 0.1, "betas": (0.9, 0.99), "amsgrad": False, "foreach": None, "params": ["a.weight", "a.bias"]}]
+    stored = {"param_groups": groups, "note": "plain", "weights": torch.arange(4.0)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(stored, checkpoint_id=tmp_path / "plain", no_dist=True)
+        # DCP loads the entries the template names, each a value of its own (param_groups.0.lr, ...).
+        loaded = {"param_groups": [dict.fromkeys(groups[0], 0)], "note": "", "weights": torch.zeros(4)}
+        safe_dcp.load(loaded, tmp_path / "plain", no_dist=True)
+        assert loaded["param_groups"] == groups and loaded["note"] == "plain"
+        assert torch.equal(loaded["weights"], stored["weights"])
+
+        marker = tmp_path / "marker"
+        dcp.save({"param_groups": [{"lr": _CreatesMarker(marker)}]}, checkpoint_id=tmp_path / "tampered", no_dist=True)
+        with pytest.raises(ValueError, match=r"refusing to load entry 'param_groups.*' of DCP checkpoint .*tampered: "
+                                             r"torch's weights-only unpickler refused it"):
+            safe_dcp.load({"param_groups": [{"lr": 0.0}]}, tmp_path / "tampered", no_dist=True)
+    assert not marker.exists()
+    # The payload is live: the same bytes, torch.save'd, run under an unrestricted torch.load.
+    buffer = io.BytesIO()
+    torch.save(_CreatesMarker(marker), buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=False)
+    assert marker.exists()
 
 
 # ---- (c) configuration ------------------------------------------------------------------------

@@ -446,11 +446,12 @@ def load_training_checkpoint(
     random = load_file(str(folder / "random.safetensors"))
     generator.set_state(random[generator_key(context.rank, context.world_size)])
     if context.strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
+        from twinflow.train import safe_dcp
+
         sharded = _sharded_state(model, teacher, optimizer)
-        dcp.load(sharded, checkpoint_id=folder / SHARDED_FOLDER)
+        safe_dcp.load(sharded, folder / SHARDED_FOLDER)  # refuses a tampered .metadata or entry
         # A LoRA checkpoint holds the adapters only (dcp.load has checked that it has them all):
         # the frozen base, already loaded from model.path, is "missing" on purpose.
         options = StateDictOptions(strict=stored_names(model) is None)
@@ -535,20 +536,20 @@ def export_consolidated(checkpoint: str | Path) -> Path:
     checkpoints saved with ``distributed.consolidate: false``. A LoRA checkpoint gives its
     adapters only, as a one-process LoRA checkpoint has them. Returns the checkpoint folder.
     """
-    import torch.distributed.checkpoint as dcp
+    from twinflow.train import safe_dcp
 
     folder, state = read_state(checkpoint)
     sharded = folder / SHARDED_FOLDER
     if not sharded.is_dir():
         raise FileNotFoundError(f"checkpoint {folder} has no {SHARDED_FOLDER}/ folder (not an FSDP checkpoint)")
     architecture = state["architecture"]
-    stored_keys = dcp.FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    stored_keys = safe_dcp.SafeFileSystemReader(str(sharded)).read_metadata().state_dict_metadata
     template = {"model": _rebuilt_weights(architecture)}
     if any(key.startswith("ema.") for key in stored_keys):
         template["ema"] = _rebuilt_weights(architecture)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(template, checkpoint_id=sharded, no_dist=True)
+        safe_dcp.load(template, sharded, no_dist=True)
     for name, weights in template.items():
         partial = folder / f".{name}.safetensors.partial"
         save_file({key: value.contiguous() for key, value in weights.items()}, str(partial))
