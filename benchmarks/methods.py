@@ -130,7 +130,9 @@ def train_methods(
         for chunk in range(1, chunks + 1):
             steps = max(1, round(plan.method_steps * chunk / chunks))
             log(f"{method}: training to {steps}/{plan.method_steps} steps of its own objective")
-            result = train(recipe(config_path, [warm_phase, _phase(base, 1, method, steps)]), directory, resume=True)
+            # Each chunk extends the method's phase: an allowed change of the resumed config.
+            result = train(recipe(config_path, [warm_phase, _phase(base, 1, method, steps)]), directory, resume=True,
+                           allow_changes=("phases.1",))
             folders.append(result.final_checkpoint)
         checkpoints[method] = folders
     checkpoints[WARM_START] = [list_checkpoints(warm_directory)[-1]]

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's rule for expected failures: one line naming the flag, exit code 2
+    (argparse's own error prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twinflow", description="TwinFlow: one-step generators from flow models.")
+    parser = _Parser(prog="twinflow", description="TwinFlow: one-step generators from flow models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model from a YAML config")
@@ -20,11 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.batch_size=32 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    train.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
+                       help="--resume: let the config differ from the checkpoint's at KEY (a key or a section, "
+                            "e.g. training.learning_rate or phases; repeatable); architecture keys never may. "
+                            "Allowed changes are printed and logged in config_changes.jsonl")
     train.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
     train.add_argument("--dry-run", action="store_true",
                        help="check the config and print the per-process plan and memory estimate; builds the model "
                             "on the meta device, reads no weights, writes nothing")
-    train.add_argument("--world-size", type=int, metavar="N",
+    train.add_argument("--world-size", type=_positive, metavar="N",
                        help="--dry-run: the number of processes to plan for (default: WORLD_SIZE, else 1)")
     train.add_argument("--latent-size", metavar="HxW",
                        help="--dry-run: latent size (height x width) of the activation estimate, e.g. 128x128 "
@@ -35,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--preset", default="1nfe", help="sampler preset: 1nfe, 2nfe, 4nfe, any, multi")
     sample.add_argument("--sampler", dest="sampler_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sampler field, e.g. --sampler steps=8 (repeatable)")
-    sample.add_argument("--per-class", type=int, default=10, help="images per class")
-    sample.add_argument("--labels", help="comma-separated class labels instead of --per-class")
+    sample.add_argument("--per-class", type=_positive, default=10, help="images per class")
+    sample.add_argument("--labels", type=_labels, help="comma-separated class labels instead of --per-class, e.g. 3,3,7")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=500)
+    sample.add_argument("--batch-size", type=_positive, default=500)
     sample.add_argument("--grid", type=Path, help="write a PNG grid (one row per class with --per-class)")
     sample.add_argument("--npz", type=Path, help="write images (float32 N x C x H x W in [0, 1]) and labels (int64)")
     sample.add_argument("--ema", action="store_true", help="use the EMA teacher's weights")
@@ -48,15 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="score sampler presets against real data (accuracy, Fréchet distance, precision/recall)")
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
     evaluate.add_argument("--presets", default="1nfe,2nfe,4nfe,multi", help="comma-separated sampler presets or specs, e.g. 1nfe,multi:steps=50")
-    evaluate.add_argument("--num", type=int, default=1000, help="generated images per preset, balanced over the classes")
+    evaluate.add_argument("--num", type=_positive, default=1000, help="generated images per preset, balanced over the classes")
     evaluate.add_argument("--classifier", type=Path,
                           help="a saved digit classifier (folder with classifier.safetensors + classifier.json); "
                                "default: the cached one for the checkpoint's data, trained once")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling noise and subset seed")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--ema", action="store_true", help="use the EMA teacher's weights")
-    evaluate.add_argument("--k", type=int, default=3, help="neighbours for the precision/recall manifolds")
-    evaluate.add_argument("--batch-size", type=int, default=500)
+    evaluate.add_argument("--k", type=_positive, default=3, help="neighbours for the precision/recall manifolds")
+    evaluate.add_argument("--batch-size", type=_positive, default=500)
     evaluate.add_argument("--inception", action="store_true",
                           help="add an Inception FID when torch-fidelity and its weights are present (never downloads)")
     evaluate.add_argument("--out", type=Path, help="write the report as JSON")
@@ -71,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="override a sampler field, e.g. --sampler stochastic_ratio=0.5 (repeatable)")
     generate.add_argument("--size", type=_image_size, default=(1024, 1024), metavar="WIDTHxHEIGHT", help="image size, e.g. 1024x768")
     generate.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    generate.add_argument("--batch-size", type=int, default=1, help="images per transformer batch")
+    generate.add_argument("--batch-size", type=_positive, default=1, help="images per transformer batch")
     generate.add_argument("--out", type=Path, required=True, help="folder for the PNG files (<index>_<seed>.png)")
     generate.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale w of F_u + w (F_c - F_u), as in diffusers (0: off, as TwinFlow models are meant to be used)")
     _add_device_arguments(generate)
@@ -81,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--model", required=True, help="a diffusers pipeline folder (its VAE and text encoder are used)")
     cache.add_argument("--data", type=Path, required=True, help="a folder of images with same-name .txt captions, or parquet file(s)")
     cache.add_argument("--source", choices=["folder", "parquet"], default="folder")
-    cache.add_argument("--size", type=int, default=1024, help="image side (square crop), or the pixel budget side with --buckets")
+    cache.add_argument("--size", type=_positive, default=1024, help="image side (square crop), or the pixel budget side with --buckets")
     cache.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of square centre crops")
     cache.add_argument("--on-error", choices=["skip", "error"], default="skip",
                        help="corrupt images and missing captions: count, report and skip them, or stop at the first")
     cache.add_argument("--out", type=Path, required=True, help="the cache folder (an interrupted run resumes)")
-    cache.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
-    cache.add_argument("--shard-size", type=int, default=1024, help="items per safetensors shard")
+    cache.add_argument("--batch-size", type=_positive, default=8, help="images per encoder call")
+    cache.add_argument("--shard-size", type=_positive, default=1024, help="items per safetensors shard")
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache made from other data or settings")
     _add_token_limit(cache)
     _add_device_arguments(cache)
@@ -106,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--model", required=True, help="a diffusers pipeline folder with its text encoder, or a hub id")
     _add_prompt_arguments(encode)
     encode.add_argument("--out", type=Path, required=True, help="the embeddings file, F.safetensors")
-    encode.add_argument("--batch-size", type=int, default=8, help="prompts per text-encoder batch")
+    encode.add_argument("--batch-size", type=_positive, default=8, help="prompts per text-encoder batch")
     _add_device_arguments(encode)
     return parser
 
@@ -134,11 +147,28 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32")
 
 
+MAX_PIXELS = 4096 * 4096
+"""Largest image ``generate`` makes: beyond the sizes any supported family was trained at, and a
+guard against a typo that would allocate tens of gigabytes."""
+
+
 def _image_size(text: str) -> tuple[int, int]:
     width, separator, height = text.lower().partition("x")
     if not separator or not width.strip().isdigit() or not height.strip().isdigit():
         raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT, e.g. 1024x768, got {text!r}")
-    return int(width), int(height)
+    width, height = int(width), int(height)
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"size {width}x{height} must have positive sides and at most {MAX_PIXELS:,} pixels (4096x4096)"
+        )
+    return width, height
+
+
+def _labels(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated class numbers, e.g. 3,3,7, got {text!r}")
+    return [int(part) for part in parts]
 
 
 def read_prompts(arguments: argparse.Namespace) -> list[str]:
@@ -157,8 +187,11 @@ def parse_assignments(items: list[str], flag: str) -> dict:
     for item in items:
         key, separator, value = item.partition("=")
         if not separator or not key:
-            raise SystemExit(f"error: {flag} {item!r} must look like key=value")
-        values[key.strip()] = yaml.safe_load(value)
+            raise ValueError(f"{flag} {item!r} must look like key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"{flag} {item!r}: the value is not a number, word or [list]") from None
     return values
 
 
@@ -170,7 +203,7 @@ def command_train(arguments: argparse.Namespace) -> None:
     if arguments.resume and config_path is None:
         config_path = arguments.out / "config.yaml"
     if config_path is None:
-        raise SystemExit("error: train needs --config (or --resume with an existing --out)")
+        raise ValueError("train needs --config (or --resume with an existing --out)")
     overrides = list(arguments.overrides)
     if arguments.device:
         overrides.append(f"device={arguments.device}")
@@ -178,9 +211,11 @@ def command_train(arguments: argparse.Namespace) -> None:
         _dry_run(config_path, overrides, arguments)
         return
     if arguments.world_size is not None or arguments.latent_size is not None:
-        raise SystemExit("error: --world-size and --latent-size only apply with --dry-run")
+        raise ValueError("--world-size and --latent-size only apply with --dry-run")
+    if arguments.allow_changes and not arguments.resume:
+        raise ValueError("--allow-change only applies with --resume")
     config = load_config(config_path, overrides)
-    result = train(config, arguments.out, resume=arguments.resume)
+    result = train(config, arguments.out, resume=arguments.resume, allow_changes=tuple(arguments.allow_changes))
     if result.rank != 0:  # under torchrun, one process reports
         return
     print(f"trained {result.steps} steps ({result.parameters:,} parameters); checkpoint: {result.final_checkpoint}")
@@ -209,9 +244,12 @@ def command_sample(arguments: argparse.Namespace) -> None:
     from twinflow.eval.grid import save_grid
     from twinflow.pipeline import load
 
-    generator = load(arguments.checkpoint, device=arguments.device, use_ema=arguments.ema, precision=arguments.precision)
+    from twinflow.sampler import override_sampler, sampler_from_spec
+
     overrides = parse_assignments(arguments.sampler_overrides, "--sampler")
-    labels = [int(v) for v in arguments.labels.split(",")] if arguments.labels else None
+    override_sampler(sampler_from_spec(arguments.preset), **overrides)  # a typo is named before any weight is read
+    generator = load(arguments.checkpoint, device=arguments.device, use_ema=arguments.ema, precision=arguments.precision)
+    labels = arguments.labels
     samples = generator.sample(
         labels=labels, per_class=None if labels else arguments.per_class, preset=arguments.preset,
         seed=arguments.seed, batch_size=arguments.batch_size, progress=True, **overrides,
@@ -254,9 +292,22 @@ def command_eval(arguments: argparse.Namespace) -> None:
 def command_generate(arguments: argparse.Namespace) -> None:
     from twinflow.generation import TextToImage, save_images
 
+    from twinflow.generation import resolve_sampler
+    from twinflow.generation.loading import check_image_size, resolve_dtype
+    from twinflow.pipeline import resolve_device
+
     prompts = read_prompts(arguments)
     if not prompts and arguments.embeddings is None:
         raise ValueError("give --prompt, --prompt-file or --embeddings")
+    # What can be checked without the model is checked before it is loaded (minutes for a big one).
+    overrides = parse_assignments(arguments.sampler_overrides, "--sampler")
+    resolve_sampler(arguments.preset, **overrides)
+    if arguments.out.exists() and not arguments.out.is_dir():
+        raise FileExistsError(f"--out {arguments.out} is a file; give a folder for the PNG files")
+    if arguments.embeddings is not None and not arguments.embeddings.is_file():
+        raise FileNotFoundError(f"--embeddings {arguments.embeddings} does not exist")
+    resolve_dtype(arguments.dtype, resolve_device(arguments.device))
+    check_image_size(arguments.model, *arguments.size)
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
         load_text_encoder=arguments.embeddings is None, lora=arguments.lora,
@@ -266,7 +317,7 @@ def command_generate(arguments: argparse.Namespace) -> None:
     result = pipe.generate(
         prompts or None, embeddings=arguments.embeddings, preset=arguments.preset, width=width, height=height,
         seed=arguments.seed, batch_size=arguments.batch_size, guidance_scale=arguments.guidance_scale, progress=True,
-        **parse_assignments(arguments.sampler_overrides, "--sampler"),
+        **overrides,
     )
     paths = save_images(result, arguments.out)
     print(f"wrote {len(paths)} image(s) of {width}x{height} to {arguments.out} "
@@ -324,8 +375,13 @@ def command_encode(arguments: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected failures (bad input, missing or unreadable files, a full disk,
+    a diverged run) exit with code 2 and one line naming the flag, key or file; anything else is
+    a bug: a one-line summary, the traceback, exit code 1."""
     arguments = build_parser().parse_args(argv)
     from twinflow.train.loop import TrainingDiverged
+
+    expected = (ValueError, OSError, ImportError, TrainingDiverged)
 
     handlers = {
         "train": command_train, "sample": command_sample, "eval": command_eval,
@@ -334,10 +390,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         handlers[arguments.command](arguments)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except expected as error:  # bad input, missing or unreadable files, a full disk, divergence
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug: the summary first, then the traceback to report
+        print(f"error: internal error, please report it with the traceback below: {type(error).__name__}: "
+              f"{_one_line(error)}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from twinflow.models import build_model
 from twinflow.path import Path as ProbabilityPath
 from twinflow.path import get_path
-from twinflow.sampler import SamplerConfig, sample, sampler_config
+from twinflow.sampler import SamplerConfig, override_sampler, sample, sampler_from_spec
 
 
 @dataclass
@@ -30,7 +30,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available")
     return device
@@ -78,19 +81,23 @@ class ClassConditionalGenerator:
     ) -> Samples:
         """Generate images for ``labels`` (or ``per_class`` images of every class, class-major).
 
-        ``preset`` is a sampler preset name (``1nfe``, ``2nfe``, ``4nfe``, ``any``, ``multi``) or a
-        :class:`~twinflow.sampler.SamplerConfig`; keyword overrides change single fields
+        ``preset`` is a sampler preset name (``1nfe``, ``2nfe``, ``4nfe``, ``any``, ``multi``), a
+        spec (``multi:steps=50``) or a :class:`~twinflow.sampler.SamplerConfig`; keyword overrides change single fields
         (``steps=8``, ``guidance_scale=1.5``). ``seed`` fixes the noise: the same call gives the
         same images.
         """
+        if not _is_count(batch_size, 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if labels is None:
             if per_class is None:
                 raise ValueError("give labels or per_class")
+            if not _is_count(per_class, 0):
+                raise ValueError(f"per_class must be an integer >= 0, got {per_class!r}")
             labels = torch.arange(self.num_classes).repeat_interleave(per_class)
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got [{int(labels.min())}, {int(labels.max())}]")
-        config = preset if isinstance(preset, SamplerConfig) else sampler_config(preset, **overrides)
+        config = override_sampler(preset if isinstance(preset, SamplerConfig) else sampler_from_spec(preset), **overrides)
         generator = torch.Generator().manual_seed(seed)
         images, calls = [], 0
         start = time.perf_counter()
@@ -110,6 +117,10 @@ class ClassConditionalGenerator:
         return Samples(images=torch.cat(images) if images else empty, labels=labels, network_calls=calls, seconds=seconds)
 
 
+def _is_count(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def load(
     checkpoint: str | Path,
     device: str | torch.device | None = "auto",
@@ -120,13 +131,21 @@ def load(
 
     ``use_ema`` picks the EMA teacher's weights when the checkpoint has them.
     """
-    from twinflow.train.checkpoint import load_checkpoint  # deferred: train imports this module
+    from twinflow.train.checkpoint import load_checkpoint, read_state  # deferred: train imports this module
 
     device = resolve_device(device)
-    stored = load_checkpoint(checkpoint, map_location="cpu", full=False)
-    architecture = stored.state.get("architecture")
-    if architecture is None:
-        raise ValueError(f"checkpoint {checkpoint} has no 'architecture' entry in its state.json")
+    folder, state = read_state(checkpoint)  # the architecture first: a transformer is not read for nothing
+    architecture = state.get("architecture")
+    if not isinstance(architecture, dict) or not isinstance(architecture.get("config"), dict):
+        raise ValueError(f"checkpoint {folder} has no 'architecture' entry in its state.json")
+    if "num_classes" not in architecture["config"]:
+        raise ValueError(
+            f"checkpoint {folder} is a text-to-image checkpoint (model {architecture.get('name')!r}, family "
+            f"{architecture.get('family')!r}); `twinflow sample` and twinflow.load sample class-conditional "
+            f"models. Write it as a diffusers folder with `twinflow export --checkpoint {folder} --out DIR`, "
+            "then `twinflow generate --model DIR --prompt ...` (or TextToImage.from_pretrained(DIR))"
+        )
+    stored = load_checkpoint(folder, map_location="cpu", full=False)
     network = build_model(architecture["name"], **architecture["config"])
     weights = stored.ema if use_ema and stored.ema is not None else stored.model
     if use_ema and stored.ema is None:

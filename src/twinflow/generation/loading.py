@@ -22,7 +22,10 @@ import torch
 from twinflow.generation.families import PIPELINE_FAMILIES, Family
 from twinflow.pipeline import resolve_device
 
-__all__ = ["LoadedPipeline", "check_folder", "folder_family", "load_pipeline", "resolve_dtype", "resolve_model_folder"]
+__all__ = [
+    "LoadedPipeline", "check_folder", "check_image_size", "folder_family", "load_pipeline", "resolve_dtype",
+    "resolve_model_folder",
+]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "merges.txt", "vocab*"]
@@ -114,6 +117,40 @@ def check_folder(folder: str | Path, parts: tuple[str, ...]) -> None:
             raise FileNotFoundError(f"{subfolder} has no .safetensors weights{extra}")
 
 
+def _empty_model(folder: Path, part: str) -> Any:
+    """The part's model built from its config on the meta device: its geometry, no weights."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    model_class = getattr(diffusers, json.loads((folder / part / "config.json").read_text())["_class_name"])
+    with init_empty_weights():
+        return model_class.from_config(model_class.load_config(str(folder / part)))
+
+
+def check_image_size(model: str | Path, width: int, height: int) -> None:
+    """Raise ``ValueError`` naming the numbers when the family's pipeline cannot make a
+    ``width`` x ``height`` image; reads the configs only (seconds, whatever the model's size),
+    so that a bad ``--size`` is named before the weights are loaded."""
+    import inspect
+
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+
+    folder = resolve_model_folder(model)
+    family = folder_family(folder)
+    check_folder(folder, MODEL_PARTS)
+    transformer, vae = _empty_model(folder, "transformer"), _empty_model(folder, "vae")
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    names = [name for name in inspect.signature(pipeline_class.__init__).parameters if name != "self"]
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "None cannot be saved" for the parts left out
+    try:  # the pipeline computes its own VAE factor: the one rule generation uses
+        pipeline = pipeline_class(**{name: {"transformer": transformer, "vae": vae}.get(name) for name in names})
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    family.latent_shape(pipeline, transformer, width, height)
+
+
 @dataclass
 class LoadedPipeline:
     """A pipeline folder loaded for generation or for encoding only."""
@@ -170,12 +207,7 @@ def load_pipeline(
     skipped, can_encode = _text_parts(folder, family, load_text_encoder)
     parts: dict[str, Any] = dict(skipped)
     if not load_transformer:
-        from accelerate import init_empty_weights
-
-        config_file = folder / "transformer" / "config.json"
-        model_class = getattr(diffusers, json.loads(config_file.read_text())["_class_name"])
-        with init_empty_weights():  # no memory: only its config is read
-            parts["transformer"] = model_class.from_config(model_class.load_config(str(folder / "transformer")))
+        parts["transformer"] = _empty_model(folder, "transformer")  # no memory: only its config is read
         if not load_vae:
             parts["vae"] = None
     elif transformer is not None:

@@ -33,7 +33,7 @@ from twinflow.generation.embeddings import (
 from twinflow.generation.families import Family
 from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline, resolve_dtype
 from twinflow.pipeline import resolve_device
-from twinflow.sampler import SamplerConfig, sample, sampler_from_spec
+from twinflow.sampler import SamplerConfig, override_sampler, sample, sampler_from_spec
 
 __all__ = ["GenerationResult", "PromptEncoder", "TextToImage", "resolve_sampler"]
 
@@ -70,11 +70,8 @@ def resolve_sampler(preset: str | SamplerConfig, **overrides: Any) -> tuple[str,
     """A preset name or spec (``"2nfe"``, ``"multi:steps=50"``) or a config, with field overrides;
     returns a label for the metadata and the validated config."""
     if isinstance(preset, SamplerConfig):
-        return "custom", replace(preset, **overrides).validate()
-    config = sampler_from_spec(preset)
-    if overrides:
-        config = replace(config, **overrides).validate()
-    return preset, config
+        return "custom", override_sampler(preset, **overrides)
+    return preset, override_sampler(sampler_from_spec(preset), **overrides)
 
 
 class PromptEncoder:

@@ -9,7 +9,10 @@ Layout of one checkpoint folder ``<run>/checkpoints/step_0000500/``:
 * ``random.safetensors`` the states of the run's random generators;
 * ``state.json``         step, data position, EMA warm-up, model architecture and resolved config;
 * ``sharded/``           only in FSDP runs: the sharded model, EMA and optimizer state written
-  by every process with ``torch.distributed.checkpoint`` (see :mod:`twinflow.train.distributed`).
+  by every process with ``torch.distributed.checkpoint`` (see :mod:`twinflow.train.distributed`);
+  read back through :mod:`twinflow.train.safe_dcp` (``.metadata`` by an unpickler that finds
+  only DCP's metadata classes, non-tensor entries with ``weights_only=True``), so a tampered
+  file cannot run code there either.
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a run
 killed mid-write leaves the previous checkpoints intact and never a half-written one. A
@@ -79,6 +82,24 @@ def finish_checkpoint(run_directory: str | Path, temporary: Path, checkpoint: Ch
     """Write ``checkpoint`` into ``temporary`` (next to what is already there), rename it into
     place, then delete all but the newest ``keep_last`` checkpoints."""
     final = checkpoint_folder(run_directory, checkpoint.step)
+    try:
+        _write_parts(temporary, checkpoint)
+    except Exception as error:  # a full disk, a lost mount: the earlier checkpoints are untouched
+        shutil.rmtree(temporary, ignore_errors=True)
+        kept = ", ".join(path.name for path in list_checkpoints(run_directory)) or "none"
+        raise OSError(
+            f"could not write checkpoint {final} ({type(error).__name__}: {error}); the earlier checkpoints "
+            f"are intact ({kept}): free space and resume with --resume"
+        ) from error
+    if final.exists():  # re-saving the same step: replace it
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for old in list_checkpoints(run_directory)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write_parts(temporary: Path, checkpoint: Checkpoint) -> None:
     if checkpoint.model is not None:
         save_file(_contiguous(checkpoint.model), str(temporary / "model.safetensors"))
     if checkpoint.ema is not None:
@@ -90,12 +111,6 @@ def finish_checkpoint(run_directory: str | Path, temporary: Path, checkpoint: Ch
     state = {"step": checkpoint.step, **checkpoint.state}
     (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
     _fsync_folder(temporary)
-    if final.exists():  # re-saving the same step: replace it
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    for old in list_checkpoints(run_directory)[:-keep_last]:
-        shutil.rmtree(old)
-    return final
 
 
 def list_checkpoints(run_directory: str | Path) -> list[Path]:
@@ -127,9 +142,15 @@ def read_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
     folder = resolve_checkpoint(path)
     state_path = folder / STATE_FILE
     try:
-        return folder, json.loads(state_path.read_text())
-    except json.JSONDecodeError as error:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"checkpoint state file {state_path} is not valid JSON: {error}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint state file {state_path} must hold a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint state file {state_path}: 'step' must be a non-negative integer, got {step!r}")
+    return folder, state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", full: bool = True) -> Checkpoint:

@@ -56,6 +56,7 @@ from twinflow.train.distributed import (
     wrap_teacher,
 )
 from twinflow.train.lora import load_model_weights
+from twinflow.train.resume import check_resumed_config, record_changes, refuse_existing_run
 from twinflow.train.logging import MetricsLogger, read_metrics
 
 
@@ -73,37 +74,30 @@ class TrainResult:
     rank: int = 0  # of this process in a distributed run; rank 0 wrote the logs and grids
 
 
-def train(config: dict, run_directory: str | Path, resume: bool = False) -> TrainResult:
+def train(
+    config: dict, run_directory: str | Path, resume: bool = False, allow_changes: tuple[str, ...] = ()
+) -> TrainResult:
     """Train from a validated config (see :func:`twinflow.train.config.load_config`).
 
-    Under ``torchrun`` every process calls this with the same arguments; the processes share
-    the work as :mod:`twinflow.train.distributed` describes (``distributed.strategy``).
+    ``resume`` continues the run in ``run_directory`` from its newest checkpoint; ``config`` must
+    then be the checkpoint's, except for the keys (or sections) named in ``allow_changes``
+    (see :mod:`twinflow.train.resume`). Under ``torchrun`` every process calls this with the same
+    arguments; the processes share the work as :mod:`twinflow.train.distributed` describes.
     """
     # Before any process can write (the process group's rendezvous waits for every process's check).
-    refuse_existing_run(Path(run_directory), resume)
+    run_directory = Path(run_directory)
+    refuse_existing_run(run_directory, resume)
+    changes = check_resumed_config(run_directory, config, allow_changes) if resume else {}
     context = setup_distributed(config["distributed"]["strategy"], config["device"])
     try:
-        return _train(config, Path(run_directory), resume, context)
+        return _train(config, run_directory, resume, context, changes)
     finally:
         context.close()
 
 
-def refuse_existing_run(run_directory: Path, resume: bool) -> None:
-    """A fresh run starts only in a new or empty folder: training into an old run without
-    ``resume`` would overwrite and prune its checkpoints, mix its logs and leave its newest
-    checkpoint to be loaded as the new run's. Nothing is written before this check."""
-    if resume:
-        return
-    if run_directory.exists() and not run_directory.is_dir():
-        raise FileExistsError(f"--out {run_directory} is a file, not a run folder")
-    if run_directory.is_dir() and any(run_directory.iterdir()):
-        raise FileExistsError(
-            f"--out {run_directory} is not empty (an earlier run?): pass --resume to continue it, "
-            "or choose a new or empty folder; nothing was changed"
-        )
 
 
-def _train(config: dict, run_directory: Path, resume: bool, context: DistributedContext) -> TrainResult:
+def _train(config: dict, run_directory: Path, resume: bool, context: DistributedContext, changes: dict) -> TrainResult:
     training = config["training"]
     device, strategy, precision = context.device, context.strategy, config["precision"]
     check_world_size(config, context.world_size)
@@ -149,6 +143,7 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
         say(f"resumed from {list_checkpoints(run_directory)[-1]} at step {start_step}")
     if context.is_main:
         run_directory.mkdir(parents=True, exist_ok=True)
+        record_changes(run_directory, start_step, changes, say)
         (run_directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     if context.enabled:
         share = training["batch_size"] // context.world_size
