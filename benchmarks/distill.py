@@ -202,7 +202,7 @@ def build_pipeline(folder: Path, vae, settings: Settings) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from twinflow.generation.families import FAMILIES
-    from twinflow.generation.testing import tiny_tokenizer
+    from twinflow.testing import tiny_tokenizer
 
     torch.manual_seed(settings.seed)
     transformer = diffusers.SD3Transformer2DModel(

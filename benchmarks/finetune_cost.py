@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from machine import machine_description
-    from twinflow.pipeline import resolve_device
+    from twinflow.devices import resolve_device
 
     device = resolve_device(arguments.device)
     arguments.size = arguments.size or ("tiny" if device.type == "cpu" else "medium")

@@ -13,7 +13,7 @@ include the earlier ones).
 
 On a GPU the models are the full-size Qwen-Image (20B) and Z-Image (6B) transformer and VAE
 configurations with random weights in bfloat16 at 1024 x 1024 (about 41 GB and 12 GB of
-weights). Without a GPU it runs the tiny test configurations (twinflow.generation.testing) on the
+weights). Without a GPU it runs the tiny test configurations (twinflow.testing) on the
 CPU and says so: those numbers show the relative cost of the pieces, not real-model speed.
 """
 
@@ -109,7 +109,7 @@ def build_model(
     """A ``TextToImage`` of random tiny or full-size parts, built on ``device`` in ``dtype``."""
     import diffusers
 
-    from twinflow.generation.testing import BUILDERS
+    from twinflow.testing import BUILDERS
 
     torch.manual_seed(0)
     with building_on(device, dtype):
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
 
-    from twinflow.pipeline import resolve_device
+    from twinflow.devices import resolve_device
 
     diffusers_logging.set_verbosity_error()
 

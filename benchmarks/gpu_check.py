@@ -192,7 +192,7 @@ def _names(text: str) -> list[str]:
 
 
 def resolve_plan(arguments: argparse.Namespace) -> Plan:
-    from twinflow.pipeline import resolve_device
+    from twinflow.devices import resolve_device
 
     device = resolve_device(arguments.device)
     if arguments.check_full_size and arguments.tiny:
@@ -394,7 +394,7 @@ def build_text_to_image(plan: Plan, family: str):
 def build_adapter(plan: Plan, family: str, dtype: torch.dtype):
     """The adapted random transformer alone, built on the device in ``dtype``."""
     from twinflow.adapters import adapter_for
-    from twinflow.generation.testing import BUILDERS
+    from twinflow.testing import BUILDERS
 
     device = torch.device(plan.device)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 For each of ``configs/qwen_image_twinflow.yaml``, ``z_image_twinflow.yaml`` and
 ``sd35_medium_twinflow.yaml``: a pipeline folder whose transformer has the released model's
-widths and module names but one or two blocks (:func:`~twinflow.generation.testing.build_full_width_folder`:
+widths and module names but one or two blocks (:func:`~twinflow.testing.build_full_width_folder`:
 Qwen-Image 24 x 128 heads, text 3584, 2 blocks, 0.72B parameters; Z-Image dim 3840, text 2560,
 1 main + 1 noise-refiner + 1 context-refiner block, 0.55B; SD3.5 Medium 24 x 64 heads,
 caption projection 1536, T5 4096 + pooled 2048, 2 blocks of which the first has the second
@@ -62,7 +62,7 @@ from twinflow.cli import main  # noqa: E402
 from twinflow.data import cache_dataset  # noqa: E402
 from twinflow.generation.embeddings import save_embeddings  # noqa: E402
 from twinflow.generation.families import FAMILIES  # noqa: E402
-from twinflow.generation.testing import SD3_POOLED_WIDTH, TEXT_WIDTHS, build_full_width_folder  # noqa: E402
+from twinflow.testing import SD3_POOLED_WIDTH, TEXT_WIDTHS, build_full_width_folder  # noqa: E402
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints  # noqa: E402
 from twinflow.train.config import load_config  # noqa: E402
 

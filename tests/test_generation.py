@@ -1,7 +1,7 @@
 """Text-to-image generation (twinflow.generation, ``twinflow generate | encode``) on tiny random folders.
 
 The folders are what ``save_pretrained`` writes for real models of each family, at toy size and
-built offline (twinflow.generation.testing): tiny transformer, VAE, scheduler and, for Z-Image,
+built offline (twinflow.testing): tiny transformer, VAE, scheduler and, for Z-Image,
 SD3 and Qwen-Image, tiny text encoders with a BPE tokenizer trained in code. Every tiny VAE
 halves the image side and every transformer has patch size 2, so sizes are multiples of 4.
 """
@@ -33,7 +33,7 @@ from twinflow.generation import (  # noqa: E402
     save_images,
 )
 from twinflow.generation.families import FAMILIES  # noqa: E402
-from twinflow.generation.testing import build_tiny_folder  # noqa: E402
+from twinflow.testing import build_tiny_folder  # noqa: E402
 from twinflow.sampler import sample, sampler_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")

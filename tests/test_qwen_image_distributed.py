@@ -30,7 +30,7 @@ from tiny_text_to_image import TINY, write_tiny_cache  # noqa: E402
 
 from twinflow.adapters import build_adapter  # noqa: E402
 from twinflow.cli import main  # noqa: E402
-from twinflow.generation.testing import BUILDERS, build_tiny_folder  # noqa: E402
+from twinflow.testing import BUILDERS, build_tiny_folder  # noqa: E402
 from twinflow.train.checkpoint import checkpoint_folder  # noqa: E402
 from twinflow.train.config import load_config  # noqa: E402
 from twinflow.train.loop import train  # noqa: E402

@@ -99,7 +99,7 @@ def text_to_image(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory) -> Path:
-    from twinflow.generation.testing import build_tiny_folder
+    from twinflow.testing import build_tiny_folder
 
     return build_tiny_folder(tmp_path_factory.mktemp("pipeline") / "z_image", "z_image", extra_weights=True)
 

@@ -22,7 +22,7 @@ pytest.importorskip("peft")
 from twinflow.adapters import METADATA_FILE, load_adapter, load_lora_export, read_metadata  # noqa: E402
 from twinflow.cli import main  # noqa: E402
 from twinflow.generation import TextToImage  # noqa: E402
-from twinflow.generation.testing import build_tiny_folder  # noqa: E402
+from twinflow.testing import build_tiny_folder  # noqa: E402
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints  # noqa: E402
 from twinflow.train.export import export_diffusers  # noqa: E402
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 diffusers = pytest.importorskip("diffusers")
 
 from twinflow.adapters import METADATA_FILE, TimeConvention, ZImageAdapter, load_adapter  # noqa: E402
-from twinflow.generation.testing import build_tiny_folder  # noqa: E402
+from twinflow.testing import build_tiny_folder  # noqa: E402
 from twinflow.models import build_model  # noqa: E402
 from twinflow.train.backbone import model_from_architecture  # noqa: E402
 

@@ -293,8 +293,8 @@ def command_generate(arguments: argparse.Namespace) -> None:
     from twinflow.generation import TextToImage, save_images
 
     from twinflow.generation import resolve_sampler
-    from twinflow.generation.loading import check_image_size, resolve_dtype
-    from twinflow.pipeline import resolve_device
+    from twinflow.devices import resolve_device, resolve_dtype
+    from twinflow.generation.loading import check_image_size
 
     prompts = read_prompts(arguments)
     if not prompts and arguments.embeddings is None:

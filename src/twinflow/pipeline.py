@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from twinflow.devices import resolve_device
 from twinflow.models import build_model
 from twinflow.path import Path as ProbabilityPath
 from twinflow.path import get_path
@@ -24,19 +25,6 @@ class Samples:
     labels: Tensor  # int64 (N,)
     network_calls: int  # network evaluations per image
     seconds: float  # wall time of the sampling
-
-
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
-    return device
 
 
 class ClassConditionalGenerator:

@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from twinflow.generation.families import PIPELINE_FAMILIES, Family
-from twinflow.pipeline import resolve_device
+from twinflow.devices import resolve_device, resolve_dtype
 
 __all__ = [
-    "LoadedPipeline", "check_folder", "check_image_size", "folder_family", "load_pipeline", "resolve_dtype",
-    "resolve_model_folder",
+    "LoadedPipeline", "check_folder", "check_image_size", "folder_family", "load_pipeline", "resolve_model_folder",
 ]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -51,23 +50,7 @@ def resolve_model_folder(model: str | Path) -> Path:
             f"{model!r} is neither a local folder nor a downloadable hub model ({type(error).__name__}: {error})"
         ) from error
 
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
 MODEL_PARTS = ("transformer", "vae")  # always needed to generate
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` or ``"auto"``: bfloat16 on CUDA, float32 elsewhere; else a name or a dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _model_index(folder: Path) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from twinflow.generation.embeddings import (
     select_rows,
 )
 from twinflow.generation.families import Family
-from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline, resolve_dtype
-from twinflow.pipeline import resolve_device
+from twinflow.devices import resolve_device, resolve_dtype
+from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline
 from twinflow.sampler import SamplerConfig, override_sampler, sample, sampler_from_spec
 
 __all__ = ["GenerationResult", "PromptEncoder", "TextToImage", "resolve_sampler"]

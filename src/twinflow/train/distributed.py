@@ -71,7 +71,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from twinflow.pipeline import resolve_device
+from twinflow.devices import resolve_device
 from twinflow.teacher import EMATeacher
 from twinflow.train.lora import is_lora, load_model_weights, model_weights
 from twinflow.train.checkpoint import (

@@ -1,5 +1,8 @@
 """Tiny random pipeline folders, built offline, for tests, benchmarks and examples.
 
+Public: ``from twinflow.testing import build_tiny_folder`` gives a folder ``twinflow generate``,
+``cache``, training and export accept, in seconds on a CPU (needs the ``diffusers`` extra).
+
 Each builder writes what ``DiffusionPipeline.save_pretrained`` writes for a real model of the
 family, at toy size and with random weights: a tiny transformer, VAE, scheduler config and,
 optionally, tiny text encoder(s) with a byte-level BPE tokenizer trained in code (nothing is
