@@ -111,6 +111,8 @@ class AdapterEMATeacher(EMATeacher):
 
 def teacher_for(model: nn.Module, decay: float) -> EMATeacher:
     """The EMA teacher that suits ``model``: a LoRA adapter for a LoRA model, else a copy (or the model)."""
-    if getattr(model, "lora", None) is not None:
+    from twinflow.train.lora import is_lora
+
+    if is_lora(model):
         return AdapterEMATeacher(model, decay)
     return EMATeacher(model, decay)

@@ -54,6 +54,14 @@ class UNetConfig:
         return config
 
 
+def unet_data_arguments(image_shape: tuple[int, int, int], num_classes: int) -> dict:
+    """The :class:`UNetConfig` fields a data set decides: its image geometry and class count."""
+    channels, height, width = image_shape
+    if height != width:
+        raise ValueError(f"the backbone needs square images, the data set has {height}x{width}")
+    return {"image_channels": channels, "image_size": height, "num_classes": num_classes}
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the second normalisation modulated by the embedding."""
 

@@ -1,8 +1,8 @@
 """The network a config trains: the registered backbone, fitted to the data, plus training options.
 
-One builder per ``model.name`` (:data:`BUILDERS`): the U-Net takes its image geometry and class
-count from the data unless the config fixes them; a diffusers transformer comes from its folder
-(:mod:`twinflow.models.diffusers`). ``training.gradient_checkpointing`` then switches on
+The backbone comes from the one registry, :data:`twinflow.models.MODELS`: the U-Net takes its
+image geometry and class count from the data unless the config fixes them; a diffusers
+transformer comes from its folder (:mod:`twinflow.models.diffusers`). ``training.gradient_checkpointing`` then switches on
 diffusers' activation checkpointing and ``training.lora`` injects the LoRA adapters
 (:mod:`twinflow.train.lora`). Returns the model and the ``architecture`` record that
 every checkpoint stores (enough to rebuild the network for sampling or export).
@@ -10,43 +10,32 @@ every checkpoint stores (enough to rebuild the network for sampling or export).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import warnings
 
 from torch import nn
 
-from twinflow.models import build_model
+from twinflow.models import MODELS, build_model
 from twinflow.train.config import model_arguments
 from twinflow.train.data import TrainingData
 from twinflow.train.lora import apply_lora
 
 
-def _unet(name: str, arguments: dict, data: TrainingData) -> tuple[nn.Module, dict]:
-    channels, height, width = data.image_shape
-    if height != width:
-        raise ValueError(f"the backbone needs square images, the data set has {height}x{width}")
-    # The data decides the image geometry and the class count unless the config fixes them.
-    arguments = {"image_channels": channels, "image_size": height, "num_classes": data.num_classes, **arguments}
+def build_network(name: str, arguments: dict, data: TrainingData) -> tuple[nn.Module, dict]:
+    """The registered backbone ``name`` fitted to the data, and its ``architecture`` record."""
+    kind = MODELS[name]
+    if kind.data_arguments is not None:  # the data decides these unless the config fixes them
+        arguments = {**kind.data_arguments(data.image_shape, data.num_classes), **arguments}
     model = build_model(name, **arguments)
-    return model, {"name": name, "config": model.config.to_dict()}
-
-
-def _diffusers(name: str, arguments: dict, data: TrainingData) -> tuple[nn.Module, dict]:
-    model = build_model(name, **arguments)
-    return model, {"name": name, "config": model.config.to_dict(), "family": model.family}
-
-
-BUILDERS: dict[str, Callable[[str, dict, TrainingData], tuple[nn.Module, dict]]] = {
-    "unet": _unet,
-    "diffusers": _diffusers,
-}
+    architecture = {"name": name, "config": model.config.to_dict()}
+    if getattr(model, "family", None) is not None:
+        architecture["family"] = model.family
+    return model, architecture
 
 
 def build_backbone(config: dict, data: TrainingData) -> tuple[nn.Module, dict]:
     """``(model, architecture)`` for ``config["model"]`` and the training data."""
     name, arguments = model_arguments(config)
-    model, architecture = BUILDERS[name](name, arguments, data)
+    model, architecture = build_network(name, arguments, data)
     finish_backbone(model, config["training"], architecture)
     return model, architecture
 

@@ -275,7 +275,7 @@ def _validate_model(model: Any) -> None:
     name = model.get("name")
     if not isinstance(name, str) or name not in MODELS:
         raise ConfigError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
-    config_class = MODELS[name][0]
+    config_class = MODELS[name].config
     known = {f.name for f in fields(config_class)}
     unknown = sorted(set(model) - known - {"name"})
     if unknown:

@@ -101,7 +101,6 @@ def apply_lora(model: nn.Module, options: dict, ema: bool) -> None:
             parameter.data = parameter.data.float()
     if options["train_second_embedding"]:
         model.second_embedding.float().requires_grad_(True)
-    model.lora = options  # marks the model as a LoRA model for checkpoints and export
 
 
 def check_lora_targets(transformer: nn.Module, targets: list[str]) -> dict[str, int]:
@@ -145,7 +144,8 @@ def _similar(target: str, modules: dict[str, nn.Module]) -> list[str]:
 
 
 def is_lora(model: nn.Module) -> bool:
-    return getattr(model, "lora", None) is not None
+    """Whether ``model`` has LoRA layers (PEFT's own record; :func:`merge_lora` removes them)."""
+    return bool(_tuner_layers(model))
 
 
 def _tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -191,7 +191,6 @@ def merge_lora(model: nn.Module, name: str) -> None:
     for module in model.modules():  # PEFT's record of the injected adapters, now gone
         if hasattr(module, "peft_config"):
             del module.peft_config
-    model.lora = None
 
 
 def model_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -199,9 +198,9 @@ def model_weights(model: nn.Module) -> dict[str, Tensor]:
     state = model.state_dict()
     if not is_lora(model):
         return state
-    keep = {name for name, _ in model.named_parameters() if "lora_" in name}
-    if model.lora["train_second_embedding"]:
-        keep |= {f"transformer.{model.second_embedding_name}.{key}" for key in model.second_embedding.state_dict()}
+    # Both adapters (the EMA one is frozen) and whatever else trains: emb_2 under
+    # train_second_embedding, which apply_lora leaves trainable beside the adapter.
+    keep = {name for name, parameter in model.named_parameters() if "lora_" in name or parameter.requires_grad}
     return {name: value for name, value in state.items() if name in keep}
 
 

@@ -313,7 +313,7 @@ def _meta_model(config: dict, data) -> tuple[nn.Module, dict]:
     """The network a run would train, on the meta device, and the facts about it: the backbone
     (a U-Net through the run's own builder, a diffusers transformer through :func:`_meta_adapter`),
     then what ``build_backbone`` adds (gradient checkpointing; LoRA, or the frozen gradient-free modules)."""
-    from twinflow.train.backbone import BUILDERS, finish_backbone
+    from twinflow.train.backbone import build_network, finish_backbone
 
     name, arguments = model_arguments(config)
     training = config["training"]
@@ -323,7 +323,7 @@ def _meta_model(config: dict, data) -> tuple[nn.Module, dict]:
         elif data is None:
             raise ConfigError(f"model.name {name!r} takes its geometry from the data, and there is none")
         else:
-            (model, _), folder = BUILDERS[name](name, arguments, data), None
+            (model, _), folder = build_network(name, arguments, data), None
         transformer = getattr(model, "transformer", model)
         second = 0 if getattr(model, "single_time_embedding", True) else _count(model.second_embedding)
         facts = {
