@@ -201,7 +201,7 @@ def build_pipeline(folder: Path, vae, settings: Settings) -> Path:
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from twinflow.generation.families import FAMILIES
+    from twinflow.families import FAMILIES
     from twinflow.testing import tiny_tokenizer
 
     torch.manual_seed(settings.seed)
@@ -229,7 +229,7 @@ def write_captioned_digits(folder: Path, images: torch.Tensor, labels: torch.Ten
     """Each digit as a 32 x 32 PNG with its caption; a seeded tenth once more under the null prompt."""
     from PIL import Image
 
-    from twinflow.generation.families import FAMILIES
+    from twinflow.families import FAMILIES
 
     folder.mkdir(parents=True, exist_ok=True)
     pixels = ((padded_rgb(images) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

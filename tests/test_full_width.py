@@ -61,7 +61,7 @@ from dry_runs import dry_run  # noqa: E402
 from twinflow.cli import main  # noqa: E402
 from twinflow.data import cache_dataset  # noqa: E402
 from twinflow.generation.embeddings import save_embeddings  # noqa: E402
-from twinflow.generation.families import FAMILIES  # noqa: E402
+from twinflow.families import FAMILIES  # noqa: E402
 from twinflow.testing import SD3_POOLED_WIDTH, TEXT_WIDTHS, build_full_width_folder  # noqa: E402
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints  # noqa: E402
 from twinflow.train.config import load_config  # noqa: E402

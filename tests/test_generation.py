@@ -32,7 +32,7 @@ from twinflow.generation import (  # noqa: E402
     save_embeddings,
     save_images,
 )
-from twinflow.generation.families import FAMILIES  # noqa: E402
+from twinflow.families import FAMILIES  # noqa: E402
 from twinflow.testing import build_tiny_folder  # noqa: E402
 from twinflow.sampler import sample, sampler_config  # noqa: E402
 
@@ -220,6 +220,41 @@ def test_guidance_and_the_cache_use_the_reference_null_prompt_of_each_family(pip
     stored = CachedLatents(tmp_path / "cache").null_condition
     expected = qwen.encode(["Generate an image."])
     assert torch.allclose(stored["prompt_embeds"][:, : expected["prompt_embeds"].shape[1]].float(), expected["prompt_embeds"].float())
+
+
+@pytest.mark.parametrize("family", ENCODED_FAMILIES)
+def test_one_family_definition_drives_caching_and_generation(pipes, folders, family, tmp_path):
+    """A cached caption is the prompt generation encodes, mask included: `twinflow cache` and
+    TextToImage both go through twinflow.families (issue 15). The cache stores each shard
+    padded to its longest caption; the row's own tokens and mask must equal generation's (the
+    cache encodes captions in batches: equal up to the rounding of batched kernels)."""
+    from twinflow.data import CaptionedDataConfig
+    from twinflow.data.cache import CachedLatents
+    from twinflow.train.prepare import cache_from_pipeline
+
+    captions = ["a red fox in the snow", "fruit", "an astronaut riding a horse on the moon"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, caption in enumerate(captions):
+        Image.fromarray(np.full((16, 16, 3), 40 * index, dtype=np.uint8)).save(images / f"{index}.png")
+        (images / f"{index}.txt").write_text(caption)
+    cache_from_pipeline(folders[family], CaptionedDataConfig(source="folder", root=images, image_size=16),
+                        tmp_path / "cache", device="cpu", progress=False)
+    cache = CachedLatents(tmp_path / "cache")
+    for index, caption in enumerate(captions):
+        _, cached = cache[index]
+        encoded = {key: value[0] for key, value in pipes[family].encode([caption]).items()}
+        assert set(cached) == set(encoded), family
+        length = encoded["prompt_embeds"].shape[0]
+        if "prompt_embeds_mask" in cached:  # masked families: the padding beyond is masked out
+            assert torch.equal(cached["prompt_embeds_mask"][:length], encoded["prompt_embeds_mask"])
+            assert not cached["prompt_embeds_mask"][length:].any()
+        else:
+            assert cached["prompt_embeds"].shape[0] == length
+        close = {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(cached["prompt_embeds"][:length].float(), encoded["prompt_embeds"].float(), **close)
+        for key in set(encoded) - {"prompt_embeds", "prompt_embeds_mask"}:
+            torch.testing.assert_close(cached[key].float(), encoded[key].float(), **close)
 
 
 def test_max_sequence_length_sets_the_prompt_tokens(pipes, folders, tmp_path):

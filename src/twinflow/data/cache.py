@@ -47,13 +47,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as functional
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from twinflow.data.datasets import _is_int
+from twinflow.families.prompts import pad_tokens
 
 CACHE_FORMAT = "twinflow-latent-cache"
 """The ``format`` entry of every cache index."""
@@ -459,17 +459,10 @@ def vae_encoder(vae: Any, generator: torch.Generator | None = None, dtype: torch
     return VaeEncoder(vae, generator=generator, dtype=dtype)
 
 
-PROMPT_FAMILIES: dict[str, str] = {
-    "QwenImagePipeline": "qwen_image",
-    "ZImagePipeline": "z_image",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
-"""The diffusers pipelines :func:`prompt_encoder` knows, by class name, and the adapter family each feeds."""
-
-
 class PromptEncoder:
-    """``encode_prompts`` for :func:`cache_dataset` from a diffusers pipeline's ``encode_prompt``.
+    """``encode_prompts`` for :func:`cache_dataset` from a diffusers pipeline: the family's own
+    prompt encoding (:meth:`twinflow.families.Family.encode`, what generation uses too), cast to
+    ``dtype``. ``max_sequence_length`` None: the family's limit, else the pipeline's.
 
     Returns the condition mapping of the family's adapter (see :mod:`twinflow.adapters`):
 
@@ -483,15 +476,17 @@ class PromptEncoder:
     """
 
     def __init__(self, pipeline: Any, max_sequence_length: int | None = None, dtype: torch.dtype | None = None):
-        names = [klass.__name__ for klass in type(pipeline).__mro__]
-        family = next((PROMPT_FAMILIES[name] for name in names if name in PROMPT_FAMILIES), None)
+        from twinflow.families import PIPELINE_FAMILIES, pipeline_family
+
+        family = pipeline_family(pipeline)
         if family is None:
             raise TypeError(
-                f"prompt_encoder knows the pipelines {sorted(PROMPT_FAMILIES)}, got {type(pipeline).__name__}; "
+                f"prompt_encoder knows the pipelines {sorted(PIPELINE_FAMILIES)}, got {type(pipeline).__name__}; "
                 f"write an encode_prompts callable for it"
             )
         self.pipeline = pipeline
-        self.family = family
+        self.family = family.name
+        self._family = family
         self.max_sequence_length = max_sequence_length
         self.dtype = dtype
 
@@ -507,32 +502,10 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> dict[str, Tensor]:
-        captions = list(captions)
-        options: dict[str, Any] = {"prompt": captions, "device": _pipeline_device(self.pipeline)}
-        if self.max_sequence_length is not None:
-            options["max_sequence_length"] = self.max_sequence_length
-        if self.family == "qwen_image":
-            embeds, mask = self.pipeline.encode_prompt(**options)
-            if mask is None:
-                mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
-            condition = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
-        elif self.family == "z_image":
-            embeds = self.pipeline.encode_prompt(**options, do_classifier_free_guidance=False)[0]
-            length = max(embed.shape[0] for embed in embeds)
-            padded = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[-1])
-            mask = torch.zeros(len(embeds), length, dtype=torch.int64, device=padded.device)
-            for row, embed in enumerate(embeds):
-                padded[row, : embed.shape[0]] = embed
-                mask[row, : embed.shape[0]] = 1
-            condition = {"prompt_embeds": padded, "prompt_embeds_mask": mask}
-        elif self.family == "sd3":
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                **options, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False
-            )
-            condition = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        else:  # flux
-            embeds, pooled, _ = self.pipeline.encode_prompt(**options, prompt_2=None)
-            condition = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        # The family's own encoding: the one generation uses (twinflow.families).
+        condition = self._family.encode(
+            self.pipeline, list(captions), _pipeline_device(self.pipeline), self.max_sequence_length
+        )
         if self.dtype is not None:
             condition = {
                 key: value.to(self.dtype) if value.is_floating_point() else value for key, value in condition.items()
@@ -665,19 +638,8 @@ def _concatenate_rows(parts: list[Tensor], key: str) -> Tensor:
         if len({len(shape) for shape in shapes}) > 1 or len({shape[1:] for shape in shapes}) > 1:
             raise ValueError(f"{key!r} has per-item shapes {sorted(shapes)} that differ beyond dimension 1")
         length = max(shape[0] for shape in shapes)
-        parts = [_pad_length(part, length) for part in parts]
+        parts = [pad_tokens(part, length) for part in parts]
     return torch.cat(parts)
-
-
-def _pad_length(tensor: Tensor, length: int) -> Tensor:
-    """Right-pad dimension 1 of ``tensor`` with zeros to ``length``."""
-    missing = length - tensor.shape[1]
-    if missing == 0:
-        return tensor
-    padding = [0, 0] * (tensor.ndim - 2) + [0, missing]
-    if tensor.dtype == torch.bool:
-        return functional.pad(tensor.to(torch.uint8), padding).to(torch.bool)
-    return functional.pad(tensor, padding)
 
 
 def _shard_complete(path: Path, num_items: int) -> bool:

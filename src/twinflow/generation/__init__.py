@@ -1,14 +1,15 @@
 """Text-to-image generation with TwinFlow diffusers models (Qwen-Image, Z-Image, SD3, Flux).
 
-``families`` (per-family prompt encoding, latent geometry, VAE decoding), ``embeddings``
-(precomputed conditions in safetensors), ``loading`` (pipeline folders),
+The per-family rules (prompt encoding, latent geometry, VAE decoding) are
+:mod:`twinflow.families`, shared with caching; here: ``embeddings`` (precomputed conditions in
+safetensors), ``loading`` (pipeline folders),
 ``text_to_image`` (:class:`TextToImage`, the sampler loop), ``images`` (PNG with metadata).
 Tiny random folders to try it offline: :mod:`twinflow.testing`. Needs the ``diffusers`` extra.
 """
 
 from twinflow.devices import resolve_dtype
+from twinflow.families import FAMILIES, PIPELINE_FAMILIES, Family
 from twinflow.generation.embeddings import PromptEmbeddings, load_embeddings, save_embeddings
-from twinflow.generation.families import FAMILIES, PIPELINE_FAMILIES, Family
 from twinflow.generation.images import read_metadata, save_images
 from twinflow.generation.loading import folder_family
 from twinflow.generation.text_to_image import GenerationResult, PromptEncoder, TextToImage, resolve_sampler

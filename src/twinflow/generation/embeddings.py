@@ -1,4 +1,4 @@
-"""Precomputed prompt conditions: padding helpers and a safetensors file format.
+"""Precomputed prompt conditions: stacking and selecting rows, and a safetensors file format.
 
 Encoding prompts needs the text encoder (7B parameters for Qwen-Image); generating from stored
 conditions does not, so a small GPU can generate from a file encoded elsewhere. A file holds
@@ -19,21 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-__all__ = [
-    "EMBEDS",
-    "MASK",
-    "PromptEmbeddings",
-    "concatenate_conditions",
-    "load_embeddings",
-    "pad_rows",
-    "pad_to_length",
-    "save_embeddings",
-    "select_rows",
-    "trim_padding",
-]
+from twinflow.families.prompts import EMBEDS, pad_to_length
 
-EMBEDS = "prompt_embeds"
-MASK = "prompt_embeds_mask"
+__all__ = ["PromptEmbeddings", "concatenate_conditions", "load_embeddings", "save_embeddings", "select_rows"]
+
 NULL_PREFIX = "null."
 SUFFIX = ".safetensors"
 
@@ -65,36 +54,6 @@ def _rows(condition: Mapping[str, Tensor]) -> int:
     return next(iter(counts.values()))
 
 
-def pad_rows(rows: Sequence[Tensor]) -> dict[str, Tensor]:
-    """Variable-length (L_i, D) embeddings -> right-padded ``prompt_embeds`` (N, L, D) and mask (N, L)."""
-    length = max(row.shape[0] for row in rows)
-    embeds = torch.stack([torch.cat([row, row.new_zeros(length - row.shape[0], *row.shape[1:])]) for row in rows])
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
-    for index, row in enumerate(rows):
-        mask[index, : row.shape[0]] = 1
-    return {EMBEDS: embeds, MASK: mask}
-
-
-def pad_to_length(condition: Mapping[str, Tensor], length: int) -> dict[str, Tensor]:
-    """Right-pad a masked condition's embeddings and mask with zeros to ``length`` tokens."""
-    condition = dict(condition)
-    if MASK not in condition:
-        if condition[EMBEDS].shape[1] != length:
-            raise ValueError(
-                f"prompt embeddings of {condition[EMBEDS].shape[1]} and {length} tokens cannot be "
-                "stacked without a prompt_embeds_mask"
-            )
-        return condition
-    extra = length - condition[EMBEDS].shape[1]
-    if extra < 0:
-        raise ValueError(f"cannot pad {condition[EMBEDS].shape[1]} tokens to {length}")
-    if extra:
-        for key in (EMBEDS, MASK):
-            value = condition[key]
-            condition[key] = torch.cat([value, value.new_zeros(value.shape[0], extra, *value.shape[2:])], dim=1)
-    return condition
-
-
 def concatenate_conditions(conditions: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """Stack conditions along the batch, padding masked ones to the longest."""
     keys = set(conditions[0])
@@ -109,19 +68,6 @@ def select_rows(condition: Mapping[str, Tensor], rows: slice | Sequence[int]) ->
     """The rows ``rows`` of every tensor of a condition."""
     index = rows if isinstance(rows, slice) else torch.as_tensor(list(rows), dtype=torch.long)
     return {key: value[index] for key, value in condition.items()}
-
-
-def trim_padding(condition: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Drop trailing token positions that every row masks out (right padding)."""
-    condition = dict(condition)
-    if MASK not in condition:
-        return condition
-    mask = condition[MASK].bool()
-    valid = mask.any(dim=0).nonzero()
-    length = int(valid.max()) + 1 if valid.numel() else 1
-    if length < mask.shape[1]:
-        condition[EMBEDS], condition[MASK] = condition[EMBEDS][:, :length], condition[MASK][:, :length]
-    return condition
 
 
 def save_embeddings(

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from twinflow.generation.families import PIPELINE_FAMILIES, Family
 from twinflow.devices import resolve_device, resolve_dtype
+from twinflow.families import PIPELINE_FAMILIES, Family
 
 __all__ = [
     "LoadedPipeline", "check_folder", "check_image_size", "folder_family", "load_pipeline", "resolve_model_folder",

@@ -24,14 +24,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from twinflow.adapters import TransformerAdapter, load_adapter, load_lora_export
-from twinflow.generation.embeddings import (
-    PromptEmbeddings,
-    concatenate_conditions,
-    load_embeddings,
-    select_rows,
-)
-from twinflow.generation.families import Family
 from twinflow.devices import resolve_device, resolve_dtype
+from twinflow.families import Family
+from twinflow.generation.embeddings import PromptEmbeddings, concatenate_conditions, load_embeddings, select_rows
 from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline
 from twinflow.sampler import SamplerConfig, override_sampler, sample, sampler_from_spec
 
@@ -268,7 +263,7 @@ class TextToImage:
                 floating-point rounding of batched kernels).
             guidance_scale: classifier-free guidance ``F_u + w (F_c - F_u)`` (0: off, as TwinFlow
                 models are meant to be used); the unconditional input is the family's null prompt
-                (:attr:`~twinflow.generation.families.Family.null_prompt`).
+                (:attr:`~twinflow.families.Family.null_prompt`).
             progress: a progress bar over batches.
         """
         start = time.perf_counter()

@@ -21,12 +21,12 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as functional
 from torch import Tensor
 
 from twinflow.conditions import Condition
 from twinflow.data import BucketBatches, DataConfig, ImageDataset, ShuffledBatches, load_dataset
 from twinflow.data.cache import CachedLatents
+from twinflow.families.prompts import pad_tokens
 from twinflow.train.config import LATENT_CACHE
 
 
@@ -130,16 +130,9 @@ def match_lengths(condition: dict[str, Tensor], null: dict[str, Tensor]) -> tupl
         other = null[key]
         if value.ndim >= 2 and value.shape[1] != other.shape[1]:
             length = max(value.shape[1], other.shape[1])
-            value, other = _pad(value, length), _pad(other, length)
+            value, other = pad_tokens(value, length), pad_tokens(other, length)
         padded_condition[key], padded_null[key] = value, other
     return padded_condition, padded_null
-
-
-def _pad(tensor: Tensor, length: int) -> Tensor:
-    extra = length - tensor.shape[1]
-    if extra == 0:
-        return tensor
-    return functional.pad(tensor, [0, 0] * (tensor.ndim - 2) + [0, extra])
 
 
 def _is_mask(tensor: Tensor) -> bool:

@@ -162,7 +162,7 @@ def save_lora_file(adapter: TransformerAdapter, name: str, out_dir: Path) -> Pat
     import diffusers
     from peft import get_peft_model_state_dict
 
-    from twinflow.generation.families import FAMILIES
+    from twinflow.families import FAMILIES
 
     transformer = adapter.transformer
     pipeline_class = getattr(diffusers, FAMILIES[adapter.family].pipeline_class)

@@ -394,7 +394,7 @@ def _activations(model, facts, config, shapes, text_tokens, latent_size, notes) 
     if facts["family"] is None:
         notes.append(f"activations: not estimated for {facts['model']} (the estimate is a transformer's; a short run measures it)")
         return None
-    from twinflow.generation.families import FAMILIES
+    from twinflow.families import FAMILIES
 
     family, transformer = FAMILIES[facts["family"]], model.transformer
     channels, patch = family.latent_channels(transformer), family.patch_size(transformer)

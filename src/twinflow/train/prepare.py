@@ -5,7 +5,7 @@ on every step. :func:`cache_from_pipeline` runs them once over the captioned dat
 images with same-name ``.txt`` captions, or parquet files) with the VAE and text encoder(s) of
 a diffusers pipeline folder, and writes the latents, the prompt embeddings and the empty
 prompt's embedding (the null condition of the guidance-enhanced target: the family's null
-prompt, see :class:`~twinflow.generation.families.Family`) to a resumable
+prompt, see :class:`~twinflow.families.Family`) to a resumable
 safetensors cache that ``data.source: latent_cache`` trains from. The transformer's weights are
 never loaded; only its config is read, to check that every image size fits the model.
 """
