@@ -311,9 +311,9 @@ def test_gpu_check_records_a_failing_section_and_runs_the_rest(tmp_path, monkeyp
 
 
 def test_gpu_check_plans_the_full_size_run_on_a_gpu(monkeypatch):
-    import twinflow.pipeline
+    import twinflow.devices
 
-    monkeypatch.setattr(twinflow.pipeline, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(twinflow.devices, "resolve_device", lambda name: torch.device("cuda"))
     plan = gpu_check.resolve_plan(gpu_check.parse_args([]))
     assert plan.kind == "full-size" and plan.is_gpu_figure and plan.torch_dtype == torch.bfloat16
     assert (plan.size, plan.nfe, plan.precision, plan.lora_rank, plan.fused_adamw) == (1024, [1, 2, 4], "bf16", 64, True)

@@ -53,6 +53,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from twinflow.data.datasets import _is_int
+from twinflow.families.latents import LatentNormalisation, config_value
 from twinflow.families.prompts import pad_tokens
 
 CACHE_FORMAT = "twinflow-latent-cache"
@@ -379,31 +380,22 @@ class VaeEncoder:
         self.generator = generator
         self.dtype = dtype
         self.video = type(vae).__name__ in ("AutoencoderKLQwenImage", "AutoencoderKLWan") or (
-            _config_value(config, "temperal_downsample") is not None
+            config_value(config, "temperal_downsample") is not None
         )
-        mean, std = _config_value(config, "latents_mean"), _config_value(config, "latents_std")
-        self.latents_mean = None if mean is None or std is None else [float(value) for value in mean]
-        self.latents_std = None if mean is None or std is None else [float(value) for value in std]
-        scaling = _config_value(config, "scaling_factor")
-        shift = _config_value(config, "shift_factor")
-        self.scaling_factor = 1.0 if scaling is None else float(scaling)
-        self.shift_factor = 0.0 if shift is None or self.latents_mean is not None else float(shift)
+        self.normalisation = LatentNormalisation(config)  # the rule generation undoes (twinflow.families)
 
     @property
     def description(self) -> dict[str, Any]:
         """A JSON-ready account of the VAE and the normalisation, for the cache index."""
-        if self.latents_mean is not None:
-            formula = "(z - latents_mean) / latents_std * scaling_factor"
-        else:
-            formula = "(z - shift_factor) * scaling_factor"
+        normalisation = self.normalisation
         return {
             "vae": type(self.vae).__name__,
             "latent": "posterior sample" if self.generator is not None else "posterior mean",
-            "normalisation": formula,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-            "latents_mean": self.latents_mean,
-            "latents_std": self.latents_std,
+            "normalisation": normalisation.formula,
+            "scaling_factor": normalisation.scaling_factor,
+            "shift_factor": normalisation.shift_factor,
+            "latents_mean": normalisation.latents_mean,
+            "latents_std": normalisation.latents_std,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
 
@@ -427,23 +419,11 @@ class VaeEncoder:
 
     def normalize(self, latents: Tensor) -> Tensor:
         """Raw VAE latents ``(B, c, h, w)`` -> the transformer's latents."""
-        if self.latents_mean is not None:
-            mean, std = self._statistics(latents)
-            return (latents - mean) / std * self.scaling_factor
-        return (latents - self.shift_factor) * self.scaling_factor
+        return self.normalisation.normalize(latents)
 
     def denormalize(self, latents: Tensor) -> Tensor:
         """The inverse of :meth:`normalize`: what the VAE's ``decode`` takes (add the frame axis for video VAEs)."""
-        if self.latents_mean is not None:
-            mean, std = self._statistics(latents)
-            return latents / self.scaling_factor * std + mean
-        return latents / self.scaling_factor + self.shift_factor
-
-    def _statistics(self, latents: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, -1) + (1,) * (latents.ndim - 2)
-        mean = torch.tensor(self.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
-        std = torch.tensor(self.latents_std, dtype=latents.dtype, device=latents.device).view(shape)
-        return mean, std
+        return self.normalisation.denormalize(latents)
 
 
 def vae_encoder(vae: Any, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> VaeEncoder:
@@ -708,12 +688,6 @@ def _pipeline_device(pipeline: Any) -> Any:
     """Where the pipeline runs its text encoders (diffusers' ``_execution_device``, else ``device``)."""
     device = getattr(pipeline, "_execution_device", None)
     return device if device is not None else getattr(pipeline, "device", None)
-
-
-def _config_value(config: Any, key: str) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key)
-    return getattr(config, key, None)
 
 
 def _hash(value: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from twinflow.families.latents import LatentNormalisation
 from twinflow.families.prompts import trim_padding
 
 
@@ -84,6 +85,5 @@ class Family:
         ``AutoencoderKL`` families (Z-Image, SD3, Flux): ``latents / scaling_factor + shift_factor``.
         """
         vae = pipeline.vae
-        shift = vae.config.shift_factor or 0.0
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+        latents = LatentNormalisation(vae.config).denormalize(latents.to(vae.dtype))
         return vae.decode(latents, return_dict=False)[0]

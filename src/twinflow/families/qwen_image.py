@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from twinflow.families.base import Family
+from twinflow.families.latents import LatentNormalisation
 from twinflow.families.prompts import EMBEDS, MASK, trim_padding
 
 class QwenImageFamily(Family):
@@ -32,8 +33,5 @@ class QwenImageFamily(Family):
     def decode(self, pipeline, latents):
         # A video VAE: one frame, normalised per channel with latents_mean / latents_std.
         vae = pipeline.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
-        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
-        latents = latents.to(vae.dtype).unsqueeze(2) * std + mean
+        latents = LatentNormalisation(vae.config).denormalize(latents.to(vae.dtype)).unsqueeze(2)
         return vae.decode(latents, return_dict=False)[0][:, :, 0]
