@@ -24,7 +24,7 @@ import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -32,6 +32,12 @@ from torch import Tensor
 from twinflow.data import DataConfig, load_dataset
 from twinflow.eval.classifier import ClassifierReport, DigitClassifier, load_classifier, load_or_train_classifier, split_indices
 from twinflow.eval.metrics import PresetScores, class_accuracy, feature_statistics, frechet_distance, precision_recall
+
+if TYPE_CHECKING:  # for the annotations only: the functions import pipeline and sampler when called, as before
+    import numpy as np
+
+    from twinflow.pipeline import ClassConditionalGenerator
+    from twinflow.sampler import SamplerConfig
 
 DEFAULT_PRESETS: tuple[str, ...] = ("1nfe", "2nfe", "4nfe", "multi")
 REAL_DATA_ROW = "real data (held-out)"
@@ -307,71 +313,33 @@ def evaluate_checkpoint(
     FID column when :func:`inception_fid_available` says it can, else only its message.
     Timings are wall time of the sampling alone, after a small warm-up call per preset.
     """
-    from twinflow.pipeline import load, resolve_device
-    from twinflow.sampler import SAMPLER_PRESETS, sampler_from_spec
+    from twinflow.pipeline import resolve_device
 
+    # ---- the arguments, the checkpoint's model and its judge -------------------------------
     presets = list(presets)
-    if not presets:
-        raise ValueError(f"no sampler presets given; choose from {sorted(SAMPLER_PRESETS)}")
-    configs = {spec: sampler_from_spec(spec) for spec in presets}  # fails early, naming the bad spec
-    if num < max(2, k + 1):
-        raise ValueError(f"--num must be at least {max(2, k + 1)} (Fréchet statistics and k={k} precision/recall), got {num}")
+    configs = _sampler_configs(presets, num, k)  # before anything is loaded
     device = resolve_device(device)
     folder, state = _checkpoint_state(checkpoint)
     data_config = DataConfig(**state["config"]["data"])
     judge = DigitJudge.for_data(
         data_config, classifier, seed=seed, k=k, device=device, cache_dir=cache_dir, batch_size=batch_size, log=log
     )
-    generator = load(folder, device=device, use_ema=use_ema)
-    expected = {
-        "image_channels": generator.image_shape[0], "image_size": generator.image_shape[1], "num_classes": generator.num_classes,
-    }
-    found = {key: judge.classifier.config.to_dict()[key] for key in expected}
-    if found != expected:
-        raise ValueError(f"the classifier ({judge.report.path or 'given'}) reads {found} but checkpoint {folder} makes {expected}")
+    generator = _load_generator(folder, judge, device, use_ema)
 
-    notes = []
-    if judge.report.data != asdict(data_config):
-        notes.append(
-            f"the classifier was trained on data {judge.report.data}, the checkpoint on {asdict(data_config)}; "
-            "the held-out images may include images the classifier saw, so its real-data row may be optimistic"
-        )
-    if num > judge.reference_count:
-        notes.append(f"precision/recall use all {judge.reference_count} reference images against {num} samples (unequal sizes)")
-    real_data = None
-    if min(num, judge.held_out_count) >= max(2, k + 1):
-        real_data = judge.real_data(num)
-        if judge.held_out_count < num:
-            notes.append(f"the real-data row has only {judge.held_out_count} held-out images (not {num}): its Fréchet distance is biased upwards")
-    else:
-        notes.append(f"no real-data row: only {judge.held_out_count} held-out images (needs {max(2, k + 1)})")
-
+    # ---- the real-data row and the optional Inception reference ----------------------------
+    real_data, notes = _real_data_row(judge, data_config, num)
     available, inception_message = inception_fid_available() if inception else (False, None)
-    inception_reference = None
-    if available:
-        dataset = load_dataset(data_config)
-        reference_indices, _ = split_indices(len(dataset), judge.report.split_seed, judge.report.test_fraction)
-        inception_reference = feature_statistics(_inception_features((dataset.images[reference_indices] + 1) / 2, device))
-        if real_data is not None:
-            mean, covariance = feature_statistics(_inception_features((judge.held_out_images[:num] + 1) / 2, device))
-            real_data.inception_frechet_distance = frechet_distance(mean, covariance, *inception_reference)
+    inception_reference = _inception_reference(judge, data_config, real_data, num, device) if available else None
 
+    # ---- one row per preset -----------------------------------------------------------------
     labels = balanced_labels(num, generator.num_classes)
-    rows = []
-    for preset in presets:
-        if log is not None:
-            log(f"sampling {num} images with preset {preset}")
-        config = configs[preset]
-        generator.sample(labels=labels[: min(num, 2 * generator.num_classes)], preset=config, seed=seed, batch_size=batch_size)  # warm-up
-        samples = generator.sample(labels=labels, preset=config, seed=seed, batch_size=batch_size)
-        scores = judge.score(preset, samples.images, samples.labels, samples.network_calls)
-        scores.seconds = samples.seconds
-        scores.images_per_second = num / max(samples.seconds, 1e-9)
-        if inception_reference is not None:
-            mean, covariance = feature_statistics(_inception_features(samples.images, device))
-            scores.inception_frechet_distance = frechet_distance(mean, covariance, *inception_reference)
-        rows.append(scores)
-
+    rows = [
+        _score_preset(
+            generator, judge, preset, configs[preset], labels, seed=seed, batch_size=batch_size,
+            inception_reference=inception_reference, device=device, log=log,
+        )
+        for preset in presets
+    ]
     return EvaluationReport(
         checkpoint=str(folder),
         step=state.get("step"),
@@ -390,3 +358,91 @@ def evaluate_checkpoint(
         notes=notes,
         inception_message=inception_message,
     )
+
+
+def _sampler_configs(presets: list[str], num: int, k: int) -> dict[str, SamplerConfig]:
+    """Each preset spec's sampler config; a bad spec or a too small ``num`` fails here, early."""
+    from twinflow.sampler import SAMPLER_PRESETS, sampler_from_spec
+
+    if not presets:
+        raise ValueError(f"no sampler presets given; choose from {sorted(SAMPLER_PRESETS)}")
+    configs = {spec: sampler_from_spec(spec) for spec in presets}  # fails early, naming the bad spec
+    if num < max(2, k + 1):
+        raise ValueError(f"--num must be at least {max(2, k + 1)} (Fréchet statistics and k={k} precision/recall), got {num}")
+    return configs
+
+
+def _load_generator(folder: Path, judge: DigitJudge, device: torch.device, use_ema: bool) -> ClassConditionalGenerator:
+    """The checkpoint's sampler, once the judge's classifier is known to read the images it makes."""
+    from twinflow.pipeline import load
+
+    generator = load(folder, device=device, use_ema=use_ema)
+    expected = {
+        "image_channels": generator.image_shape[0], "image_size": generator.image_shape[1], "num_classes": generator.num_classes,
+    }
+    found = {key: judge.classifier.config.to_dict()[key] for key in expected}
+    if found != expected:
+        raise ValueError(f"the classifier ({judge.report.path or 'given'}) reads {found} but checkpoint {folder} makes {expected}")
+    return generator
+
+
+def _real_data_row(judge: DigitJudge, data_config: DataConfig, num: int) -> tuple[PresetScores | None, list[str]]:
+    """The held-out real images' scores (``None`` when too few), and the report's notes on what
+    makes the numbers less comparable than they look."""
+    notes = []
+    if judge.report.data != asdict(data_config):
+        notes.append(
+            f"the classifier was trained on data {judge.report.data}, the checkpoint on {asdict(data_config)}; "
+            "the held-out images may include images the classifier saw, so its real-data row may be optimistic"
+        )
+    if num > judge.reference_count:
+        notes.append(f"precision/recall use all {judge.reference_count} reference images against {num} samples (unequal sizes)")
+    real_data = None
+    if min(num, judge.held_out_count) >= max(2, judge.k + 1):
+        real_data = judge.real_data(num)
+        if judge.held_out_count < num:
+            notes.append(f"the real-data row has only {judge.held_out_count} held-out images (not {num}): its Fréchet distance is biased upwards")
+    else:
+        notes.append(f"no real-data row: only {judge.held_out_count} held-out images (needs {max(2, judge.k + 1)})")
+    return real_data, notes
+
+
+def _inception_reference(
+    judge: DigitJudge, data_config: DataConfig, real_data: PresetScores | None, num: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inception feature statistics of the reference set; fills ``real_data``'s Inception FD too."""
+    dataset = load_dataset(data_config)
+    reference_indices, _ = split_indices(len(dataset), judge.report.split_seed, judge.report.test_fraction)
+    reference = feature_statistics(_inception_features((dataset.images[reference_indices] + 1) / 2, device))
+    if real_data is not None:
+        mean, covariance = feature_statistics(_inception_features((judge.held_out_images[:num] + 1) / 2, device))
+        real_data.inception_frechet_distance = frechet_distance(mean, covariance, *reference)
+    return reference
+
+
+def _score_preset(
+    generator: ClassConditionalGenerator,
+    judge: DigitJudge,
+    preset: str,
+    config: SamplerConfig,
+    labels: Tensor,
+    *,
+    seed: int,
+    batch_size: int,
+    inception_reference: tuple[np.ndarray, np.ndarray] | None,
+    device: torch.device,
+    log: Callable[[str], None] | None,
+) -> PresetScores:
+    """One preset's row: ``labels`` sampled with ``config`` (after a small warm-up call), scored and timed."""
+    num = len(labels)
+    if log is not None:
+        log(f"sampling {num} images with preset {preset}")
+    generator.sample(labels=labels[: min(num, 2 * generator.num_classes)], preset=config, seed=seed, batch_size=batch_size)  # warm-up
+    samples = generator.sample(labels=labels, preset=config, seed=seed, batch_size=batch_size)
+    scores = judge.score(preset, samples.images, samples.labels, samples.network_calls)
+    scores.seconds = samples.seconds
+    scores.images_per_second = num / max(samples.seconds, 1e-9)
+    if inception_reference is not None:
+        mean, covariance = feature_statistics(_inception_features(samples.images, device))
+        scores.inception_frechet_distance = frechet_distance(mean, covariance, *inception_reference)
+    return scores

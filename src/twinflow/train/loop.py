@@ -30,18 +30,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from twinflow.conditions import Condition
+from twinflow.data import BucketBatches, ShuffledBatches
 from twinflow.eval.grid import save_grid
 from twinflow.eval.plots import plot_training_curves
 from twinflow.models import count_parameters
 from twinflow.objective import ObjectiveResult, TwinFlowObjective
 from twinflow.objective.partition import stream_position
+from twinflow.path import Path as ProbabilityPath
 from twinflow.path import get_path
 from twinflow.pipeline import ClassConditionalGenerator
-from twinflow.teacher import teacher_for
+from twinflow.teacher import EMATeacher, teacher_for
 from twinflow.train.checkpoint import list_checkpoints, load_checkpoint
 from twinflow.train.backbone import build_backbone
 from twinflow.train.config import ConfigError, check_world_size, phase_at, phase_objective, total_steps
-from twinflow.train.data import load_training_data
+from twinflow.train.data import TrainingData, load_training_data
 from twinflow.train.distributed import (
     DistributedContext,
     clip_gradients,
@@ -95,9 +97,95 @@ def train(
         context.close()
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """What the loop trains, on what, and from where: built once by :func:`_setup`."""
+
+    config: dict
+    run_directory: Path
+    context: DistributedContext
+    data: TrainingData
+    architecture: dict  # stored in every checkpoint: how to rebuild the network
+    parameters: int
+    model: nn.Module  # wrapped for the strategy (DDP, FSDP2); unwrap() gives the network
+    teacher: EMATeacher
+    optimizer: torch.optim.Optimizer
+    path: ProbabilityPath
+    objectives: list[TwinFlowObjective]  # one per phase
+    batches: ShuffledBatches | BucketBatches  # the seeded order of global batches, saved in checkpoints
+    generator: torch.Generator  # this process's objective noise and times, saved in checkpoints
+    logger: MetricsLogger
+    steps: int  # optimizer steps of the whole run
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    elapsed_before: float  # training seconds of earlier runs of this run directory (resume)
+    resumed_from: Path | None  # the checkpoint resumed from
+
+
+@dataclass
+class TrainingClock:
+    """The run's training time: this loop's wall time plus earlier runs', less the sampling grids'."""
+
+    elapsed_before: float  # training seconds of earlier runs of this run directory (resume)
+    started: float  # time.perf_counter() as the loop starts
+    grid_seconds: float = 0.0  # spent sampling grids, which is not training
+    timed_steps: int = 0  # optimizer steps of this loop
+
+    def training_seconds(self) -> float:
+        """Wall time spent in the loop so far, over all resumes (sampling grids excluded)."""
+        return self.elapsed_before + time.perf_counter() - self.started - self.grid_seconds
+
+    def seconds_per_step(self) -> float:
+        """This loop's wall time per optimizer step so far (grids included)."""
+        return (time.perf_counter() - self.started) / self.timed_steps
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step leaves for the logs."""
+
+    phase: int
+    learning_rate: float
+    terms: dict[str, float]  # each term summed with its sample count, and its count ("<term> samples")
+    result: ObjectiveResult  # the last micro-batch's: the term names and the network calls
+    gradient_norm: Tensor  # before clipping, the same on every process
 
 
 def _train(config: dict, run_directory: Path, resume: bool, context: DistributedContext, changes: dict) -> TrainResult:
+    """Set up, run the optimizer steps left, finish: one process's share of :func:`train`."""
+    run = _setup(config, run_directory, resume, context, changes)
+    training = config["training"]
+
+    # ---- the loop ------------------------------------------------------------------------
+    last_checkpoint = run.resumed_from  # the one a divergence message names
+    run.model.train()
+    progress = tqdm(
+        total=run.steps, initial=run.start_step, disable=not (training["progress"] and context.is_main),
+        desc="train", unit="step",
+    )
+    clock = TrainingClock(run.elapsed_before, started=time.perf_counter())
+    for step in range(run.start_step, run.steps):
+        outcome = _optimizer_step(run, step, last_checkpoint)
+        done = step + 1
+        clock.timed_steps += 1
+
+        # ---- bookkeeping: logs, checkpoints, grids -----------------------------------------
+        progress.update(1)
+        if done % training["log_every"] == 0 or done == run.steps:
+            terms = _log_step(run, done, outcome, clock)
+            progress.set_postfix(loss=f"{terms['loss']:.4f}", phase=outcome.phase)
+        if training["checkpoint_every"] and done % training["checkpoint_every"] == 0 and done != run.steps:
+            last_checkpoint = _make_checkpoint(run, done, clock)
+        if training["sample_every"] and done % training["sample_every"] == 0 and done != run.steps:
+            grid_started = time.perf_counter()
+            _save_grids(run, done)
+            clock.grid_seconds += time.perf_counter() - grid_started
+    progress.close()
+    return _finish(run, last_checkpoint, clock)
+
+
+def _setup(config: dict, run_directory: Path, resume: bool, context: DistributedContext, changes: dict) -> TrainingRun:
+    """Data, model, teacher, optimizer, objectives and random sources, then the start: a resumed
+    checkpoint's state, or a fresh run directory. Rank 0 writes config.yaml (and the changes)."""
     training = config["training"]
     device, strategy, precision = context.device, context.strategy, config["precision"]
     check_world_size(config, context.world_size)
@@ -129,18 +217,17 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
     batches = data.batch_order(training["batch_size"], config["seed"])
     # Objective noise and times: one stream per process (rank 0's is the one-process stream).
     generator = torch.Generator().manual_seed(objective_seed(config["seed"], context.rank))
-    steps = total_steps(config)
 
     # ---- start: resume or fresh -----------------------------------------------------------
-    start_step = 0
-    elapsed_before = 0.0  # training seconds of earlier runs of this run directory (resume)
+    start_step, elapsed_before, resumed_from = 0, 0.0, None
     logger = MetricsLogger(run_directory, tensorboard=training["tensorboard"], enabled=context.is_main)
     if resume:
         start_step, state = load_training_checkpoint(context, run_directory, model, teacher, optimizer, generator)
         batches.load_state_dict(state["data_order"])
         elapsed_before = float(state.get("training_seconds", 0.0))
         logger.truncate_after(start_step)
-        say(f"resumed from {list_checkpoints(run_directory)[-1]} at step {start_step}")
+        resumed_from = list_checkpoints(run_directory)[-1]
+        say(f"resumed from {resumed_from} at step {start_step}")
     if context.is_main:
         run_directory.mkdir(parents=True, exist_ok=True)
         record_changes(run_directory, start_step, changes, say)
@@ -148,127 +235,129 @@ def _train(config: dict, run_directory: Path, resume: bool, context: Distributed
     if context.enabled:
         share = training["batch_size"] // context.world_size
         say(f"{strategy}: {context.world_size} processes, {share} sample{'s' if share != 1 else ''} each per micro-step")
-
-    def training_seconds() -> float:
-        """Wall time spent in the loop so far, over all resumes (sampling grids excluded)."""
-        return elapsed_before + time.perf_counter() - started - grid_seconds
-
-    def make_checkpoint(step: int) -> Path:
-        state = {
-            "training_seconds": training_seconds(),
-            "architecture": architecture,
-            "config": config,
-            "path": "linear",
-            "teacher": teacher.state_dict(),
-            "data_order": batches.state_dict(),
-            "dataset": data.description(),
-        }
-        return save_training_checkpoint(
-            context, run_directory, step, model, teacher, optimizer, generator, state,
-            keep_last=training["keep_checkpoints"], consolidate=config["distributed"]["consolidate"],
-        )
-
-    def save_grids(step: int, final: bool = False) -> dict[str, Path]:
-        # Rank 0 samples and writes; under FSDP every process joins the (collective) forwards.
-        # Grids are class grids: text-to-image runs are sampled with `twinflow generate` instead.
-        if not data.class_conditional or not (context.is_main or strategy == "fsdp"):
-            return {}
-        sampling = config["sampling"]
-        network = teacher.network if sampling["use_ema"] else unwrap(model)
-        was_training = network.training
-        generator_model = ClassConditionalGenerator(
-            network, data.num_classes, data.image_shape, data.class_names, path, device, precision
-        )
-        grids = {}
-        with gathered_weights(network):
-            for preset in sampling["presets"]:
-                samples = generator_model.sample(per_class=sampling["per_class"], preset=preset, seed=sampling["seed"])
-                name = f"samples_{preset}.png" if final else f"samples/step_{step:07d}_{preset}.png"
-                if context.is_main:
-                    grids[preset] = save_grid(samples.images, run_directory / name, rows=data.num_classes)
-        network.train(was_training)
-        return grids
-
-    # ---- the loop ------------------------------------------------------------------------
-    accumulation = training["grad_accumulation"]
-    last_checkpoint: Path | None = list_checkpoints(run_directory)[-1] if resume else None
-    model.train()
-    progress = tqdm(
-        total=steps, initial=start_step, disable=not (training["progress"] and context.is_main), desc="train", unit="step"
+    return TrainingRun(
+        config, run_directory, context, data, architecture, parameters, model, teacher, optimizer, path, objectives,
+        batches, generator, logger, total_steps(config), start_step, elapsed_before, resumed_from,
     )
-    started, timed_steps, grid_seconds = time.perf_counter(), 0, 0.0
-    for step in range(start_step, steps):
-        phase = phase_at(config, step)
-        objective = objectives[phase]
-        peak = config["phases"][phase].get("learning_rate", training["learning_rate"])
-        learning_rate = learning_rate_at(step, float(peak), training["warmup_steps"])
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
 
-        # Gradient accumulation: one optimizer step = grad_accumulation micro-batches; the
-        # processes synchronise their gradients on the last one.
-        # Which objective slices a micro-batch holds follows its place in the run's sample
-        # stream, so per-process batches smaller than the four slices rotate them (spec 2.1).
-        terms: dict[str, float] = {}
-        for micro in range(accumulation):
-            images, condition, null_condition = data.batch(context.local_slice(batches.next_indices()), device)
-            position = stream_position(step, micro, accumulation, context.rank, context.world_size, images.shape[0])
-            with gradient_sync(model, micro == accumulation - 1), _unused_parameters_named(strategy):
-                result = objective_loss(
-                    objective, model, teacher.network, images, condition, null_condition, generator, precision, position
-                )
-                if not context.all_true(torch.isfinite(result.loss)):
-                    loss = context.mean({"loss": float(result.loss.detach())})["loss"]
-                    raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint, float(peak)))
-                (result.loss / accumulation).backward()
-            # Each term summed with its sample count: a micro-batch without a slice adds nothing.
-            samples = result.term_samples()
-            for key, value in result.terms().items():
-                terms[key] = terms.get(key, 0.0) + value * samples[key]
-                terms[f"{key} samples"] = terms.get(f"{key} samples", 0.0) + samples[key]
 
-        clip = float(training["grad_clip"])
-        gradient_norm = clip_gradients(model, clip if clip > 0 else math.inf)  # the same on every process
-        if not torch.isfinite(gradient_norm):
-            raise TrainingDiverged(
-                _diverged_message("gradient norm", float(gradient_norm), step + 1, last_checkpoint, float(peak))
+def _optimizer_step(run: TrainingRun, step: int, last_checkpoint: Path | None) -> StepOutcome:
+    """Optimizer step ``step`` (from 0): its phase's objective over the accumulated micro-batches,
+    clipping, the update and the teacher's EMA. Raises :class:`TrainingDiverged`, naming
+    ``last_checkpoint``, when the loss or the gradient norm is not finite."""
+    config, context, model = run.config, run.context, run.model
+    training = config["training"]
+    phase = phase_at(config, step)
+    objective = run.objectives[phase]
+    peak = float(config["phases"][phase].get("learning_rate", training["learning_rate"]))
+    learning_rate = learning_rate_at(step, peak, training["warmup_steps"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate
+
+    # Gradient accumulation: one optimizer step = grad_accumulation micro-batches; the
+    # processes synchronise their gradients on the last one.
+    # Which objective slices a micro-batch holds follows its place in the run's sample
+    # stream, so per-process batches smaller than the four slices rotate them (spec 2.1).
+    accumulation = training["grad_accumulation"]
+    terms: dict[str, float] = {}
+    for micro in range(accumulation):
+        images, condition, null_condition = run.data.batch(context.local_slice(run.batches.next_indices()), context.device)
+        position = stream_position(step, micro, accumulation, context.rank, context.world_size, images.shape[0])
+        with gradient_sync(model, micro == accumulation - 1), _unused_parameters_named(context.strategy):
+            result = objective_loss(
+                objective, model, run.teacher.network, images, condition, null_condition, run.generator,
+                config["precision"], position,
             )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        teacher.update(unwrap(model))
-        done = step + 1
-        timed_steps += 1
+            if not context.all_true(torch.isfinite(result.loss)):
+                loss = context.mean({"loss": float(result.loss.detach())})["loss"]
+                raise TrainingDiverged(_diverged_message("loss", loss, step + 1, last_checkpoint, peak))
+            (result.loss / accumulation).backward()
+        # Each term summed with its sample count: a micro-batch without a slice adds nothing.
+        samples = result.term_samples()
+        for key, value in result.terms().items():
+            terms[key] = terms.get(key, 0.0) + value * samples[key]
+            terms[f"{key} samples"] = terms.get(f"{key} samples", 0.0) + samples[key]
 
-        # ---- bookkeeping: logs, checkpoints, grids -----------------------------------------
-        progress.update(1)
-        if done % training["log_every"] == 0 or done == steps:
-            totals = context.mean(terms)  # over the processes: each term's mean over its samples
-            terms = {key: totals[key] / max(totals[f"{key} samples"], 1e-12) for key in result.terms()}
-            seconds = (time.perf_counter() - started) / timed_steps
-            logger.log(done, {
-                **terms, "phase": phase, "learning_rate": learning_rate, "gradient_norm": float(gradient_norm),
-                "network_calls": result.network_calls, "seconds_per_step": seconds,
-                "training_seconds": training_seconds(),
-            })
-            progress.set_postfix(loss=f"{terms['loss']:.4f}", phase=phase)
-        if training["checkpoint_every"] and done % training["checkpoint_every"] == 0 and done != steps:
-            last_checkpoint = make_checkpoint(done)
-        if training["sample_every"] and done % training["sample_every"] == 0 and done != steps:
-            grid_started = time.perf_counter()
-            save_grids(done)
-            grid_seconds += time.perf_counter() - grid_started
-    progress.close()
+    clip = float(training["grad_clip"])
+    gradient_norm = clip_gradients(model, clip if clip > 0 else math.inf)  # the same on every process
+    if not torch.isfinite(gradient_norm):
+        raise TrainingDiverged(_diverged_message("gradient norm", float(gradient_norm), step + 1, last_checkpoint, peak))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.teacher.update(unwrap(model))
+    return StepOutcome(phase, learning_rate, terms, result, gradient_norm)
 
-    final_checkpoint = make_checkpoint(steps) if start_step < steps or last_checkpoint is None else last_checkpoint
-    grids = save_grids(steps, final=True)
-    logger.close()
+
+def _log_step(run: TrainingRun, done: int, outcome: StepOutcome, clock: TrainingClock) -> dict[str, float]:
+    """Log the step's terms, each its mean over its samples on every process; returns those means."""
+    totals = run.context.mean(outcome.terms)  # a collective: every process logs at the same steps
+    terms = {key: totals[key] / max(totals[f"{key} samples"], 1e-12) for key in outcome.result.terms()}
+    seconds = clock.seconds_per_step()
+    run.logger.log(done, {
+        **terms, "phase": outcome.phase, "learning_rate": outcome.learning_rate,
+        "gradient_norm": float(outcome.gradient_norm), "network_calls": outcome.result.network_calls,
+        "seconds_per_step": seconds, "training_seconds": clock.training_seconds(),
+    })
+    return terms
+
+
+def _make_checkpoint(run: TrainingRun, step: int, clock: TrainingClock) -> Path:
+    """Save the training state at ``step`` (every process joins); returns the checkpoint folder."""
+    state = {
+        "training_seconds": clock.training_seconds(),
+        "architecture": run.architecture,
+        "config": run.config,
+        "path": "linear",
+        "teacher": run.teacher.state_dict(),
+        "data_order": run.batches.state_dict(),
+        "dataset": run.data.description(),
+    }
+    return save_training_checkpoint(
+        run.context, run.run_directory, step, run.model, run.teacher, run.optimizer, run.generator, state,
+        keep_last=run.config["training"]["keep_checkpoints"], consolidate=run.config["distributed"]["consolidate"],
+    )
+
+
+def _save_grids(run: TrainingRun, step: int, final: bool = False) -> dict[str, Path]:
+    """One class grid per sampling preset at ``step``; the written files on rank 0, else empty."""
+    # Rank 0 samples and writes; under FSDP every process joins the (collective) forwards.
+    # Grids are class grids: text-to-image runs are sampled with `twinflow generate` instead.
+    data, context = run.data, run.context
+    if not data.class_conditional or not (context.is_main or context.strategy == "fsdp"):
+        return {}
+    sampling = run.config["sampling"]
+    network = run.teacher.network if sampling["use_ema"] else unwrap(run.model)
+    was_training = network.training
+    generator_model = ClassConditionalGenerator(
+        network, data.num_classes, data.image_shape, data.class_names, run.path, context.device, run.config["precision"]
+    )
+    grids = {}
+    with gathered_weights(network):
+        for preset in sampling["presets"]:
+            samples = generator_model.sample(per_class=sampling["per_class"], preset=preset, seed=sampling["seed"])
+            name = f"samples_{preset}.png" if final else f"samples/step_{step:07d}_{preset}.png"
+            if context.is_main:
+                grids[preset] = save_grid(samples.images, run.run_directory / name, rows=data.num_classes)
+    network.train(was_training)
+    return grids
+
+
+def _finish(run: TrainingRun, last_checkpoint: Path | None, clock: TrainingClock) -> TrainResult:
+    """The final checkpoint (a resumed run with nothing left to train keeps its newest one), the final
+    grids, the training curves and summary.json; every process returns once rank 0 wrote them."""
+    context, run_directory, steps = run.context, run.run_directory, run.steps
+    final_checkpoint = (
+        _make_checkpoint(run, steps, clock) if run.start_step < steps or last_checkpoint is None else last_checkpoint
+    )
+    grids = _save_grids(run, steps, final=True)
+    run.logger.close()
     if context.is_main:
         plot_training_curves(read_metrics(run_directory), run_directory / "training_curves.png")
-        summary = {"steps": steps, "parameters": parameters, "final_checkpoint": str(final_checkpoint),
+        summary = {"steps": steps, "parameters": run.parameters, "final_checkpoint": str(final_checkpoint),
                    "grids": {k: str(v) for k, v in grids.items()}}
         (run_directory / "summary.json").write_text(json.dumps(summary, indent=2))
     context.barrier()  # every process returns once rank 0's files are written
-    return TrainResult(run_directory, steps, final_checkpoint, grids, parameters, context.rank)
+    return TrainResult(run_directory, steps, final_checkpoint, grids, run.parameters, context.rank)
 
 
 def objective_loss(
