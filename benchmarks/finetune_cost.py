@@ -10,7 +10,7 @@ discriminator, no fake-score network). Every configuration is one optimizer step
 family's adapter around the transformer, diffusers' gradient checkpointing
 (:func:`twinflow.train.backbone.enable_gradient_checkpointing`) and PEFT LoRA
 (:func:`twinflow.train.lora.apply_lora`) as ``training.*`` of the config says,
-:func:`twinflow.teacher.teacher_for`, :func:`twinflow.train.loop.objective_loss` (with bf16
+:func:`twinflow.train.lora.teacher_for`, :func:`twinflow.train.loop.objective_loss` (with bf16
 autocast when asked) on ``TwinFlowObjective(objective_config(preset))``, gradient clipping,
 AdamW over the trainable parameters, and the teacher update. The configurations:
 
@@ -79,7 +79,7 @@ from costs import peak_resident_kib, synchronise  # noqa: E402
 
 from twinflow.adapters import adapter_for  # noqa: E402
 from twinflow.objective import TwinFlowObjective, objective_config  # noqa: E402
-from twinflow.teacher import AdapterEMATeacher, teacher_for  # noqa: E402
+from twinflow.train.lora import AdapterEMATeacher, teacher_for  # noqa: E402
 from twinflow.train.backbone import enable_gradient_checkpointing  # noqa: E402
 from twinflow.train.distributed import clip_gradients  # noqa: E402
 from twinflow.train.lora import adapter_pairs, apply_lora  # noqa: E402
@@ -268,7 +268,7 @@ class FinetuneStep:
         if isinstance(self.teacher, AdapterEMATeacher):
             teacher = sum(ema.numel() for ema, _ in adapter_pairs(self.model))
             total -= teacher
-        elif self.teacher.is_copy:
+        elif self.teacher.owns_weights:
             teacher = sum(parameter.numel() for parameter in self.teacher.network.parameters())
         else:
             teacher = 0

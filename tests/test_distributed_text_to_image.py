@@ -41,7 +41,7 @@ from tiny_text_to_image import LORA, TINY, save_tiny_transformer, write_tiny_cac
 
 from twinflow.objective import TwinFlowObjective  # noqa: E402
 from twinflow.path import get_path  # noqa: E402
-from twinflow.teacher import teacher_for  # noqa: E402
+from twinflow.train.lora import teacher_for  # noqa: E402
 from twinflow.train.backbone import build_backbone  # noqa: E402
 from twinflow.train.checkpoint import SHARDED_FOLDER, checkpoint_folder, list_checkpoints  # noqa: E402
 from twinflow.train.config import load_config, phase_objective  # noqa: E402

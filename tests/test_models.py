@@ -75,7 +75,7 @@ def test_default_demo_model_size_is_small():
 def test_ema_teacher_decay_zero_is_the_model_itself():
     model = small_model()
     teacher = EMATeacher(model, 0.0)
-    assert teacher.network is model and not teacher.is_copy
+    assert teacher.network is model and not teacher.owns_weights
 
 
 def test_ema_teacher_warm_up_and_blend():

@@ -172,7 +172,7 @@ def test_lora_checkpoint_holds_only_the_adapters(lora_run):
 
 def test_lora_trains_only_the_adapter_and_the_teacher_is_the_ema_adapter(lora_config, latent_cache):
     from twinflow.objective import TwinFlowObjective, objective_config
-    from twinflow.teacher import AdapterEMATeacher, teacher_for
+    from twinflow.train.lora import AdapterEMATeacher, teacher_for
     from twinflow.train.backbone import build_backbone
     from twinflow.train.loop import objective_loss
 

@@ -312,9 +312,9 @@ def wrap_teacher(teacher: EMATeacher, strategy: str, precision: str = "fp32", de
     Call it on a teacher made from the unwrapped model, before :func:`wrap_model` shards that
     model in place. A teacher that is the model itself, or a LoRA model's ``ema`` adapter,
     needs nothing: it is sharded with the model (and
-    :meth:`~twinflow.teacher.AdapterEMATeacher.update` blends the sharded adapters).
+    :meth:`~twinflow.train.lora.AdapterEMATeacher.update` blends the sharded adapters).
     """
-    if strategy == "fsdp" and teacher.is_copy:
+    if strategy == "fsdp" and teacher.owns_weights:
         teacher.network = wrap_model(teacher.network, "fsdp", precision, device)
     return teacher
 
@@ -410,12 +410,12 @@ def save_training_checkpoint(
 
         dcp.save(_sharded_state(model, teacher, optimizer), checkpoint_id=temporary / SHARDED_FOLDER)
         weights = _full_state(model, stored_names(model)) if consolidate else None
-        ema = _full_state(teacher.network) if consolidate and teacher.is_copy else None
+        ema = _full_state(teacher.network) if consolidate and teacher.owns_weights else None
         checkpoint = Checkpoint(step=step, model=weights, state=state, ema=ema, random=random)
     else:
         checkpoint = Checkpoint(
             step=step, model=model_weights(unwrap(model)), state=state,
-            ema=teacher.network.state_dict() if teacher.is_copy else None,
+            ema=teacher.network.state_dict() if teacher.owns_weights else None,
             optimizer=optimizer.state_dict(), random=random,
         )
     final = checkpoint_folder(run_directory, step)
@@ -458,12 +458,12 @@ def load_training_checkpoint(
         set_state_dict(
             model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"], options=options
         )
-        if teacher.is_copy:
+        if teacher.owns_weights:
             set_model_state_dict(teacher.network, sharded["ema"])
     else:
         checkpoint = load_checkpoint(folder, map_location=context.device)
         load_model_weights(unwrap(model), checkpoint.model)
-        if teacher.is_copy:
+        if teacher.owns_weights:
             if checkpoint.ema is None:
                 raise ValueError(f"checkpoint {folder} has no EMA weights but training.ema_decay > 0")
             teacher.network.load_state_dict(checkpoint.ema)
@@ -495,7 +495,7 @@ def _sharded_state(model: nn.Module, teacher: EMATeacher, optimizer: torch.optim
     if names is not None:
         weights = {name: value for name, value in weights.items() if name in names}
     state = {"model": weights, "optimizer": optimizer_state}
-    if teacher.is_copy:
+    if teacher.owns_weights:
         state["ema"] = get_model_state_dict(teacher.network)
     return state
 

@@ -11,7 +11,7 @@ What is trained on what data is not the loop's business either: :mod:`twinflow.t
 gives ``(data, condition, null condition)`` batches (labelled images or a latent cache of
 text-to-image embeddings), :mod:`twinflow.train.backbone` builds the network (a U-Net, or a
 diffusers transformer behind its TwinFlow adapter, optionally with LoRA), and
-:func:`twinflow.teacher.teacher_for` picks the EMA teacher (a copy, or a LoRA adapter).
+:func:`twinflow.train.lora.teacher_for` picks the EMA teacher (a copy, or a LoRA adapter).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from twinflow.objective.partition import stream_position
 from twinflow.path import Path as ProbabilityPath
 from twinflow.path import get_path
 from twinflow.pipeline import ClassConditionalGenerator
-from twinflow.teacher import EMATeacher, teacher_for
+from twinflow.teacher import EMATeacher
 from twinflow.train.checkpoint import list_checkpoints, load_checkpoint
 from twinflow.train.backbone import build_backbone
 from twinflow.train.config import ConfigError, check_world_size, phase_at, phase_objective, total_steps
@@ -57,7 +57,7 @@ from twinflow.train.distributed import (
     wrap_model,
     wrap_teacher,
 )
-from twinflow.train.lora import load_model_weights
+from twinflow.train.lora import load_model_weights, teacher_for
 from twinflow.train.resume import check_resumed_config, record_changes, refuse_existing_run
 from twinflow.train.logging import MetricsLogger, read_metrics
 

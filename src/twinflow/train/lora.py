@@ -4,7 +4,7 @@
 ``default`` (:data:`TRAINED`) into its ``target_modules``; only the LoRA weights train, plus the
 second time embedding ``emb_2`` when ``train_second_embedding`` is set. With an EMA teacher
 (``training.ema_decay > 0``) a second adapter named ``ema`` (:data:`EMA`) starts as a copy of
-``default`` and holds its exponential moving average (:class:`twinflow.teacher.AdapterEMATeacher`),
+``default`` and holds its exponential moving average (:class:`AdapterEMATeacher`),
 so the teacher costs two small adapters' worth of memory instead of a copy of the model.
 
 Checkpoints of a LoRA run hold only these weights (:func:`model_weights`); the frozen base
@@ -19,7 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+
+from twinflow.teacher import EMATeacher
 
 ADAPTABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # what PEFT's LoRA adapts
 TRAINED = "default"  # the PEFT adapter the optimizer trains
@@ -214,3 +217,61 @@ def load_model_weights(model: nn.Module, weights: dict[str, Tensor]) -> None:
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"LoRA checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
     model.load_state_dict(weights, strict=False)
+
+
+# ---- the EMA teacher of a LoRA model ---------------------------------------------------------
+
+
+class AdapterView(nn.Module):
+    """The model with one of its LoRA adapters active for the duration of each call."""
+
+    def __init__(self, model: nn.Module, adapter: str):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, *args, **kwargs):
+        with active_adapter(self.model, self.adapter):
+            return self.model(*args, **kwargs)
+
+
+class AdapterEMATeacher(EMATeacher):
+    """The EMA teacher of a LoRA model: the second PEFT adapter ``ema`` (made by
+    :func:`apply_lora`) holds the EMA of the trained adapter ``default``.
+
+    Same warm-up and interface as :class:`EMATeacher`; the teacher calls switch the active
+    adapter, so the frozen base weights are shared. The EMA weights live in the model's own state
+    dict (``...lora_A.ema.weight``), so checkpoints need no separate EMA file (``owns_weights`` is false).
+    A fully trained ``emb_2`` (``train_second_embedding``) is shared with the model, not averaged.
+
+    :meth:`update` pairs the adapters' parameters of the model it is given, not those seen here:
+    FSDP's ``fully_shard`` replaces every parameter by a sharded one after the teacher is made
+    (:mod:`twinflow.train.distributed`), and each process then blends its own shards.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
+        self.decay = decay
+        self.working_decay = 0.0
+        if decay > 0 and not adapter_pairs(model):
+            raise ValueError("the model has no 'ema' LoRA adapter; build it with apply_lora(model, options, ema=True)")
+        self.network = AdapterView(model, EMA) if decay > 0 else model
+
+    @property
+    def owns_weights(self) -> bool:
+        return False  # the EMA adapter lives in (and is saved with) the model's own weights
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Blend ``default`` into ``ema`` (``model``: the unwrapped model, sharded or not)."""
+        for teacher_parameter, parameter in adapter_pairs(model):
+            teacher_parameter.lerp_(parameter.detach(), 1.0 - self.working_decay)
+        self.working_decay += (1.0 - self.working_decay) * (self.decay - self.working_decay) * 0.5
+
+
+def teacher_for(model: nn.Module, decay: float) -> EMATeacher:
+    """The EMA teacher that suits ``model``: a LoRA adapter for a LoRA model, else a copy (or the model)."""
+    if is_lora(model):
+        return AdapterEMATeacher(model, decay)
+    return EMATeacher(model, decay)
