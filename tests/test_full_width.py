@@ -344,13 +344,13 @@ def exported(world, trained) -> Path:
 
 
 def test_export_holds_the_ema_weights_and_loads(world, trained, exported):
-    from twinflow.adapters import load_adapter, load_lora_export, read_metadata
+    from twinflow.adapters import load_adapter, load_lora_export, read_export_metadata
 
     stored = load_file(str(checkpoint_folder(trained, 2) / "model.safetensors"))
     if world.case.lora_targets is not None:
         assert sorted(path.name for path in exported.iterdir()) == [
             "pytorch_lora_weights.safetensors", "twinflow.json", "twinflow_extra_weights.safetensors"]
-        metadata = read_metadata(exported)
+        metadata = read_export_metadata(exported)
         assert metadata["weights"] == "ema" and metadata["step"] == 2
         assert metadata["lora"] == load_config(world.recipe)["training"]["lora"]
         lora = load_file(str(exported / "pytorch_lora_weights.safetensors"))
@@ -369,7 +369,7 @@ def test_export_holds_the_ema_weights_and_loads(world, trained, exported):
             assert torch.equal(b.weight.float(), lora[f"transformer.{name}.lora_B.weight"].to(torch.bfloat16).float()), name
     else:
         assert (exported / "model_index.json").is_file() and (exported / "vae").is_dir()
-        metadata = read_metadata(exported / "transformer")
+        metadata = read_export_metadata(exported / "transformer")
         assert metadata["weights"] == "ema" and metadata["dtype"] == "bf16" and metadata["step"] == 2
         ema = load_file(str(checkpoint_folder(trained, 2) / "ema.safetensors"))
         written = _weights(exported / "transformer")

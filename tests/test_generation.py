@@ -28,7 +28,7 @@ from twinflow.generation import (  # noqa: E402
     PromptEncoder,
     TextToImage,
     load_embeddings,
-    read_metadata,
+    read_image_metadata,
     save_embeddings,
     save_images,
 )
@@ -97,7 +97,7 @@ def test_generate_command_writes_pngs_of_the_size_with_prompt_and_seed(folders, 
 
         with Image.open(path) as image:
             assert image.size == (WIDTH, HEIGHT) and image.mode == "RGB"
-        metadata = read_metadata(path)
+        metadata = read_image_metadata(path)
         assert metadata["prompt"] == prompt and metadata["seed"] == str(seed)
         assert metadata["preset"] == "2nfe" and metadata["model"] == str(folders["z_image"])
         assert json.loads(metadata["sampler"])["stochastic_ratio"] == 0.5
@@ -118,7 +118,7 @@ def test_encode_command_then_generate_from_embeddings_without_text_encoder(folde
         from PIL import Image
 
         path = out / f"{index}_{3 + index}.png"
-        assert read_metadata(path)["prompt"] == PROMPTS[index]
+        assert read_image_metadata(path)["prompt"] == PROMPTS[index]
         with Image.open(path) as written:
             assert largest_difference(written.convert("RGB"), image) == 0
 
@@ -353,7 +353,7 @@ def test_folder_without_text_encoder_generates_from_embeddings(folders, tmp_path
     assert [image.size for image in result.images] == [(WIDTH, HEIGHT)] * 2
     assert result.prompts == [None, None] and result.seeds == [4, 5] and result.network_calls == 1
     paths = save_images(result, tmp_path, start=10)
-    assert [path.name for path in paths] == ["10_4.png", "11_5.png"] and read_metadata(paths[0])["prompt"] == ""
+    assert [path.name for path in paths] == ["10_4.png", "11_5.png"] and read_image_metadata(paths[0])["prompt"] == ""
 
 
 # -- pieces --------------------------------------------------------------------------------------

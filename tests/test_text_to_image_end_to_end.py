@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from twinflow.adapters import METADATA_FILE, load_adapter, load_lora_export, read_metadata  # noqa: E402
+from twinflow.adapters import METADATA_FILE, load_adapter, load_lora_export, read_export_metadata  # noqa: E402
 from twinflow.cli import main  # noqa: E402
 from twinflow.generation import TextToImage  # noqa: E402
 from twinflow.testing import build_tiny_folder  # noqa: E402
@@ -111,11 +111,11 @@ def test_export_is_a_pipeline_folder_that_generate_loads(full_run, base, tmp_pat
     out = tmp_path / "export"
     _run("export", "--checkpoint", full_run, "--out", out)
     assert (out / "model_index.json").is_file() and (out / "vae").is_dir() and (out / "text_encoder").is_dir()
-    assert read_metadata(out / "transformer")["step"] == 4
+    assert read_export_metadata(out / "transformer")["step"] == 4
     # Trained from a base transformer: r = 0 is the data end of Z-Image's clock (continuous at
     # r = 0), recorded by the export and followed by loading, though transformer/ now holds
     # t_embedder_2 like a released checkpoint (which would read r = 0 the reference way).
-    assert read_metadata(out / "transformer")["z_image_zero_time"] == "data"
+    assert read_export_metadata(out / "transformer")["z_image_zero_time"] == "data"
     assert load_adapter(out).time_convention.zero_time == "data"
     image = np.asarray(_generate(out, tmp_path / "images"))
     assert image.shape == (SIZE, SIZE, 3)
@@ -182,7 +182,7 @@ def test_lora_export_generates_with_lora_and_merged_equals_it(lora_run, base, tm
     adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     _run("export", "--checkpoint", lora_run, "--out", adapter_dir)
     _run("export", "--checkpoint", lora_run, "--out", merged_dir, "--merge-lora")
-    assert read_metadata(merged_dir / "transformer")["lora_merged"] is True
+    assert read_export_metadata(merged_dir / "transformer")["lora_merged"] is True
     with_lora = np.asarray(_generate(base, tmp_path / "images_lora", "--lora", adapter_dir)).astype(int)
     merged = np.asarray(_generate(merged_dir, tmp_path / "images_merged")).astype(int)
     assert np.abs(with_lora - merged).max() <= 1  # PNG rounding of nearly equal floats
@@ -199,7 +199,7 @@ def test_lora_export_generates_with_lora_and_merged_equals_it(lora_run, base, tm
         }
     with torch.no_grad():
         outputs = {name: network(x, 0.8, 0.3, condition) for name, network in networks.items()}
-    assert read_metadata(adapter_dir)["z_image_zero_time"] == "data"
+    assert read_export_metadata(adapter_dir)["z_image_zero_time"] == "data"
     assert all(networks[name].time_convention.zero_time == "data" for name in ("lora", "merged", "base"))
     torch.testing.assert_close(outputs["merged"], outputs["lora"], atol=1e-5, rtol=1e-5)
     assert (outputs["merged"] - outputs["base"]).abs().max() > 1e-3

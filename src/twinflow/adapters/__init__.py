@@ -14,7 +14,7 @@ from twinflow.adapters.exported import (
     METADATA_FILE,
     ZERO_TIME_KEY,
     load_lora_export,
-    read_metadata,
+    read_export_metadata,
     recorded_zero_time,
     time_metadata,
 )
@@ -64,7 +64,7 @@ __all__ = [
     "load_adapter",
     "load_extra_weights",
     "load_lora_export",
-    "read_metadata",
+    "read_export_metadata",
     "recorded_zero_time",
     "resolve_zero_time",
     "save_extra_weights",

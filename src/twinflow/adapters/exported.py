@@ -26,7 +26,7 @@ from typing import Any
 from twinflow.adapters.base import TransformerAdapter
 
 __all__ = [
-    "EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "METADATA_FILE", "ZERO_TIME_KEY", "load_lora_export", "read_metadata",
+    "EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "METADATA_FILE", "ZERO_TIME_KEY", "load_lora_export", "read_export_metadata",
     "recorded_zero_time", "time_metadata",
 ]
 
@@ -37,7 +37,7 @@ LORA_ADAPTER_NAME = "default"  # the PEFT adapter a loaded LoRA export becomes (
 ZERO_TIME_KEY = "z_image_zero_time"  # in twinflow.json, as in a training config's model section
 
 
-def read_metadata(folder: str | Path) -> dict[str, Any]:
+def read_export_metadata(folder: str | Path) -> dict[str, Any]:
     """``twinflow.json`` of a transformer folder or LoRA export; ``{}`` when there is none."""
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
@@ -99,7 +99,7 @@ def load_lora_export(
     check_lora_file(export / LORA_WEIGHTS_FILE)
     extra = export / EXTRA_WEIGHTS_FILE
     if z_image_zero_time == "auto":
-        metadata = read_metadata(export)
+        metadata = read_export_metadata(export)
         z_image_zero_time = recorded_zero_time(metadata, metadata.get("family"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten just below

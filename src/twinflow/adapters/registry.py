@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from twinflow.adapters.base import TransformerAdapter
-from twinflow.adapters.exported import read_metadata, recorded_zero_time
+from twinflow.adapters.exported import read_export_metadata, recorded_zero_time
 from twinflow.adapters.flux import FluxAdapter
 from twinflow.adapters.qwen_image import QwenImageAdapter
 from twinflow.adapters.sd3 import SD3Adapter
@@ -114,7 +114,7 @@ def load_adapter(
         raise ValueError(
             f"z_image_zero_time={z_image_zero_time!r} applies to Z-Image only; {folder} holds a {family} transformer"
         )
-    metadata = read_metadata(folder)
+    metadata = read_export_metadata(folder)
     if single_time_embedding is None:
         single_time_embedding = bool(metadata.get("single_time_embedding", False))
     options: dict[str, Any] = {}

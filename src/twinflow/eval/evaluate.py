@@ -313,7 +313,7 @@ def evaluate_checkpoint(
     FID column when :func:`inception_fid_available` says it can, else only its message.
     Timings are wall time of the sampling alone, after a small warm-up call per preset.
     """
-    from twinflow.pipeline import resolve_device
+    from twinflow.devices import resolve_device
 
     # ---- the arguments, the checkpoint's model and its judge -------------------------------
     presets = list(presets)

@@ -10,7 +10,7 @@ Tiny random folders to try it offline: :mod:`twinflow.testing`. Needs the ``diff
 from twinflow.devices import resolve_dtype
 from twinflow.families import FAMILIES, PIPELINE_FAMILIES, Family
 from twinflow.generation.embeddings import PromptEmbeddings, load_embeddings, save_embeddings
-from twinflow.generation.images import read_metadata, save_images
+from twinflow.generation.images import read_image_metadata, save_images
 from twinflow.generation.loading import folder_family
 from twinflow.generation.text_to_image import GenerationResult, PromptEncoder, TextToImage, resolve_sampler
 
@@ -24,7 +24,7 @@ __all__ = [
     "TextToImage",
     "folder_family",
     "load_embeddings",
-    "read_metadata",
+    "read_image_metadata",
     "resolve_dtype",
     "resolve_sampler",
     "save_embeddings",

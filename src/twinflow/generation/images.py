@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-__all__ = ["image_metadata", "read_metadata", "save_images"]
+__all__ = ["image_metadata", "read_image_metadata", "save_images"]
 
 
 def image_metadata(prompt: str | None, seed: int, settings: dict[str, Any]) -> dict[str, str]:
@@ -46,7 +46,7 @@ def save_images(result: Any, folder: str | Path, start: int = 0) -> list[Path]:
     return paths
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def read_image_metadata(path: str | Path) -> dict[str, str]:
     """The text chunks of a PNG written by :func:`save_images`."""
     with Image.open(path) as image:
         image.load()
