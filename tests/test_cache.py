@@ -1,4 +1,4 @@
-"""Tests for twinflow.data.cache: the offline latent / embedding cache and its reader."""
+"""Tests for twinflow.data.cache_writer and cache_reader: the offline latent / embedding cache and its reader."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for twinflow.data.captioned: captioned folders and parquet, bad items, crops, buckets."""
+"""Tests for captioned data (twinflow.data.captioned and its scan, decoding and buckets): folders, parquet, bad items."""
 
 from __future__ import annotations
 

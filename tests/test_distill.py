@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import distill  # noqa: E402
 
 from twinflow.adapters import load_adapter  # noqa: E402
-from twinflow.data.cache import CachedLatents  # noqa: E402
+from twinflow.data import CachedLatents  # noqa: E402
 from twinflow.sampler import sample, sampler_from_spec  # noqa: E402
 from twinflow.train.checkpoint import list_checkpoints  # noqa: E402
 

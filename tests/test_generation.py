@@ -194,8 +194,7 @@ def test_guidance_and_the_cache_use_the_reference_null_prompt_of_each_family(pip
     """Qwen-Image and SD3's unconditional prompt is "Generate an image." (the reference's
     modeling_qwen_image.py / modeling_sd_3.py), Z-Image's the empty one; sampling-time guidance,
     `twinflow encode` and `twinflow cache` all take it from the family."""
-    from twinflow.data.cache import CachedLatents
-    from twinflow.data import CaptionedDataConfig
+    from twinflow.data import CachedLatents, CaptionedDataConfig
     from twinflow.train.prepare import cache_from_pipeline
 
     assert {name: FAMILIES[name].null_prompt for name in ENCODED_FAMILIES} == {
@@ -228,8 +227,7 @@ def test_one_family_definition_drives_caching_and_generation(pipes, folders, fam
     TextToImage both go through twinflow.families (issue 15). The cache stores each shard
     padded to its longest caption; the row's own tokens and mask must equal generation's (the
     cache encodes captions in batches: equal up to the rounding of batched kernels)."""
-    from twinflow.data import CaptionedDataConfig
-    from twinflow.data.cache import CachedLatents
+    from twinflow.data import CachedLatents, CaptionedDataConfig
     from twinflow.train.prepare import cache_from_pipeline
 
     captions = ["a red fox in the snow", "fruit", "an astronaut riding a horse on the moon"]

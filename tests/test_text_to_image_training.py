@@ -28,8 +28,7 @@ from tiny_text_to_image import (  # noqa: E402
 )
 
 from twinflow.adapters import extra_state_dict, load_adapter  # noqa: E402
-from twinflow.data import cache_dataset  # noqa: E402
-from twinflow.data.cache import CachedLatents  # noqa: E402
+from twinflow.data import CachedLatents, cache_dataset  # noqa: E402
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints  # noqa: E402
 from twinflow.train.config import ConfigError, load_config  # noqa: E402
 from twinflow.train.data import CachedLatentData  # noqa: E402

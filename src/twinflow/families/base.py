@@ -5,7 +5,7 @@ The transformer side (time convention, packing, the second time embedding) lives
 adapter's condition (through the pipeline's own ``encode_prompt``), how large its latents are for
 an image size, and how its VAE turns latents back into pixels (the latent normalisation of the
 pipeline's ``__call__``, which diffusers keeps inline; only those lines are restated here).
-Caching (:mod:`twinflow.data.cache`) and generation (:mod:`twinflow.generation`) both use it, so
+Caching (:mod:`twinflow.data.encoders`) and generation (:mod:`twinflow.generation`) both use it, so
 a cached prompt is the prompt generation encodes. The condition format: :mod:`twinflow.families.prompts`.
 """
 

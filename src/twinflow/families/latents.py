@@ -10,7 +10,7 @@ decoding, inline in its ``__call__``. The rule comes from the VAE's config:
   has one.
 
 :class:`LatentNormalisation` is that rule, used by the latent cache
-(:class:`twinflow.data.cache.VaeEncoder`) and by every family's ``decode``.
+(:class:`twinflow.data.encoders.VaeEncoder`) and by every family's ``decode``.
 """
 
 from __future__ import annotations

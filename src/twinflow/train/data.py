@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from twinflow.conditions import Condition
-from twinflow.data import BucketBatches, DataConfig, ImageDataset, ShuffledBatches, load_dataset
-from twinflow.data.cache import CachedLatents
+from twinflow.data import BucketBatches, CachedLatents, DataConfig, ImageDataset, ShuffledBatches, load_dataset
 from twinflow.families.prompts import pad_tokens
 from twinflow.train.config import LATENT_CACHE
 
@@ -74,7 +73,7 @@ class LabelledImages:
 
 
 class CachedLatentData:
-    """A latent cache (:class:`~twinflow.data.cache.CachedLatents`) of one or more latent shapes.
+    """A latent cache (:class:`~twinflow.data.CachedLatents`) of one or more latent shapes.
 
     A cache of several aspect-ratio buckets is drawn one bucket per global batch
     (:class:`~twinflow.data.BucketBatches`), so every batch stacks latents of one shape; a cache

@@ -16,9 +16,15 @@ from pathlib import Path
 
 import torch
 
-from twinflow.data import CaptionedDataConfig, load_captioned
-from twinflow.data.cache import CachedLatents, cache_dataset, prompt_encoder, vae_encoder
-from twinflow.data.captioned import CaptionedImages
+from twinflow.data import (
+    CachedLatents,
+    CaptionedDataConfig,
+    CaptionedImages,
+    cache_dataset,
+    load_captioned,
+    prompt_encoder,
+    vae_encoder,
+)
 from twinflow.generation.loading import load_pipeline
 
 __all__ = ["cache_from_pipeline"]
