@@ -22,7 +22,62 @@ import torch
 from torch import Tensor
 
 
-class ShuffledBatches:
+class EpochOrder:
+    """The shared mechanics of a resumable batch order: state ``(epoch, position)``, an epoch's
+    order drawn once from ``seed + epoch``, and the next batch taken from it.
+
+    Subclasses say how an epoch is ordered (:meth:`epoch_order`), how many positions an epoch has
+    (``positions``) and how many one batch uses (``step``: items or one batch), and how a batch
+    is read from the order (:meth:`take`).
+    """
+
+    positions: int  # positions in one epoch
+    step: int  # positions one batch uses
+
+    def __init__(self) -> None:
+        self._epoch = 0
+        self._position = 0
+        self._order = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch is read from, unless the current one has no full batch left."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """How many positions of the current epoch have been handed out."""
+        return self._position
+
+    def epoch_order(self, epoch: int):
+        raise NotImplementedError
+
+    def take(self, order, position: int) -> Tensor:
+        raise NotImplementedError
+
+    def next_indices(self) -> Tensor:
+        """Return the next batch of indices (int64), advancing the state."""
+        if self._position + self.step > self.positions:
+            self._epoch += 1
+            self._position = 0
+            self._order = None
+        if self._order is None:
+            self._order = self.epoch_order(self._epoch)
+        batch = self.take(self._order, self._position)
+        self._position += self.step
+        return batch.clone()
+
+    def state_dict(self) -> dict[str, int]:
+        """The resumable state: ``{"epoch": int, "position": int}``."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
+        self._epoch, self._position = read_order_state(state, type(self).__name__, self.positions)
+        self._order = None
+
+
+class ShuffledBatches(EpochOrder):
     """Endless, seeded, resumable stream of index batches over ``range(num_items)``.
 
     Args:
@@ -43,22 +98,11 @@ class ShuffledBatches:
             )
         if not _is_int(seed):
             raise ValueError(f"ShuffledBatches seed must be an int, got {seed!r}")
+        super().__init__()
         self.num_items = int(num_items)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-        self._epoch = 0
-        self._position = 0
-        self._permutation: Tensor | None = None
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next batch is read from, unless the current one has no full batch left."""
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """How many indices of the current epoch's permutation have been handed out."""
-        return self._position
+        self.positions, self.step = self.num_items, self.batch_size  # the position counts items
 
     @property
     def batches_per_epoch(self) -> int:
@@ -70,31 +114,14 @@ class ShuffledBatches:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_items, generator=generator)
 
-    def next_indices(self) -> Tensor:
-        """Return the next ``batch_size`` indices (int64, shape ``(batch_size,)``), advancing the state."""
-        if self._position + self.batch_size > self.num_items:
-            self._epoch += 1
-            self._position = 0
-            self._permutation = None
-        if self._permutation is None:
-            self._permutation = self.permutation(self._epoch)
-        start = self._position
-        self._position += self.batch_size
-        return self._permutation[start : self._position].clone()
+    def epoch_order(self, epoch: int) -> Tensor:
+        return self.permutation(epoch)
 
-    def state_dict(self) -> dict[str, int]:
-        """The resumable state: ``{"epoch": int, "position": int}``."""
-        return {"epoch": self._epoch, "position": self._position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
-        epoch, position = read_order_state(state, "ShuffledBatches", self.num_items)
-        self._epoch = int(epoch)
-        self._position = int(position)
-        self._permutation = None
+    def take(self, order: Tensor, position: int) -> Tensor:
+        return order[position : position + self.batch_size]
 
 
-class BucketBatches:
+class BucketBatches(EpochOrder):
     """Endless, seeded, resumable batches that each hold items of one bucket only.
 
     Epoch ``e`` uses ``torch.Generator().manual_seed(seed + e)`` to shuffle the members of each
@@ -119,6 +146,7 @@ class BucketBatches:
             raise ValueError(f"BucketBatches batch_size must be a positive int, got {batch_size!r}")
         if not _is_int(seed):
             raise ValueError(f"BucketBatches seed must be an int, got {seed!r}")
+        super().__init__()
         ids = ids.to(torch.int64)
         self._members = [torch.nonzero(ids == bucket).flatten() for bucket in torch.unique(ids).tolist()]
         self.num_items = int(ids.numel())
@@ -131,19 +159,7 @@ class BucketBatches:
                 f"BucketBatches batch_size {batch_size} is larger than every bucket (bucket sizes {sizes}); "
                 f"not even one full batch fits in an epoch"
             )
-        self._epoch = 0
-        self._position = 0
-        self._batches: list[Tensor] | None = None
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next batch is read from, unless the current one is used up."""
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """How many batches of the current epoch have been handed out."""
-        return self._position
+        self.positions, self.step = self.batches_per_epoch, 1  # the position counts batches
 
     def batches(self, epoch: int) -> list[Tensor]:
         """The ``batches_per_epoch`` index batches of ``epoch`` in the order they are handed out."""
@@ -156,28 +172,11 @@ class BucketBatches:
         order = torch.randperm(len(pieces), generator=generator).tolist()
         return [pieces[index] for index in order]
 
-    def next_indices(self) -> Tensor:
-        """Return the next ``batch_size`` indices (int64, all from one bucket), advancing the state."""
-        if self._position >= self.batches_per_epoch:
-            self._epoch += 1
-            self._position = 0
-            self._batches = None
-        if self._batches is None:
-            self._batches = self.batches(self._epoch)
-        batch = self._batches[self._position]
-        self._position += 1
-        return batch.clone()
+    def epoch_order(self, epoch: int) -> list[Tensor]:
+        return self.batches(epoch)
 
-    def state_dict(self) -> dict[str, int]:
-        """The resumable state: ``{"epoch": int, "position": int}`` (position counts batches)."""
-        return {"epoch": self._epoch, "position": self._position}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Restore a state from :meth:`state_dict`; the following batches match an uninterrupted run."""
-        epoch, position = read_order_state(state, "BucketBatches", self.batches_per_epoch)
-        self._epoch = int(epoch)
-        self._position = int(position)
-        self._batches = None
+    def take(self, order: list[Tensor], position: int) -> Tensor:
+        return order[position]
 
 
 def read_order_state(state: Mapping[str, int], owner: str, positions: int) -> tuple[int, int]:
