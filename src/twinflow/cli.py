@@ -22,7 +22,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="twinflow", description="TwinFlow: one-step generators from flow models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (
+        _add_train_command, _add_sample_command, _add_eval_command, _add_generate_command, _add_cache_command,
+        _add_export_command, _add_encode_command,
+    ):
+        add_command(commands)
+    return parser
 
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", type=Path, help="YAML config (see configs/); optional with --resume")
     train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics, grids")
@@ -43,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--dry-run: latent size (height x width) of the activation estimate, e.g. 128x128 "
                             "(default: the latent cache's largest, else the family's default)")
 
+
+def _add_sample_command(commands) -> None:
     sample = commands.add_parser("sample", help="sample images from a checkpoint")
     sample.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
     sample.add_argument("--preset", default="1nfe", help="sampler preset: 1nfe, 2nfe, 4nfe, any, multi")
@@ -58,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
 
+
+def _add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="score sampler presets against real data (accuracy, Fréchet distance, precision/recall)")
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
     evaluate.add_argument("--presets", default="1nfe,2nfe,4nfe,multi", help="comma-separated sampler presets or specs, e.g. 1nfe,multi:steps=50")
@@ -74,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="add an Inception FID when torch-fidelity and its weights are present (never downloads)")
     evaluate.add_argument("--out", type=Path, help="write the report as JSON")
 
+
+def _add_generate_command(commands) -> None:
     generate = commands.add_parser("generate", help="text-to-image with a TwinFlow diffusers model folder (PNG files)")
     generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Z-Image, SD3, Flux), or a hub id (owner/name) fetched once when online")
     _add_prompt_arguments(generate)
@@ -90,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arguments(generate)
     generate.add_argument("--offload", action="store_true", help="model CPU offload: each model moves to the GPU only while it runs (CUDA only)")
 
+
+def _add_cache_command(commands) -> None:
     cache = commands.add_parser("cache", help="encode captioned images once into a latent cache for text-to-image training")
     cache.add_argument("--model", required=True, help="a diffusers pipeline folder (its VAE and text encoder are used)")
     cache.add_argument("--data", type=Path, required=True, help="a folder of images with same-name .txt captions, or parquet file(s)")
@@ -105,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_limit(cache)
     _add_device_arguments(cache)
 
+
+def _add_export_command(commands) -> None:
     export = commands.add_parser("export", help="write a trained text-to-image checkpoint as a diffusers folder (or a LoRA file)")
     export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder or a run folder (newest)")
     export.add_argument("--out", type=Path, required=True, help="the new folder to write (must not exist)")
@@ -115,13 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--link", action="store_true", help="hard-link the pipeline's other parts instead of copying them")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written transformer weights")
 
+
+def _add_encode_command(commands) -> None:
     encode = commands.add_parser("encode", help="encode prompts once with the text encoder, for generate --embeddings")
     encode.add_argument("--model", required=True, help="a diffusers pipeline folder with its text encoder, or a hub id")
     _add_prompt_arguments(encode)
     encode.add_argument("--out", type=Path, required=True, help="the embeddings file, F.safetensors")
     encode.add_argument("--batch-size", type=_positive, default=8, help="prompts per text-encoder batch")
     _add_device_arguments(encode)
-    return parser
 
 
 def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
