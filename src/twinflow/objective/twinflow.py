@@ -125,50 +125,23 @@ class TwinFlowObjective:
         prediction = model(x_t, time, target_time, cond)
         calls += 1
 
-        # L_base: RCGM target with the teacher, weighted by the jump length (2.3, 2.7). The
-        # residual scales the prediction and the teacher's displacement by (t - r) / dt, up to
-        # 100x: under bf16 autocast their rounding noise would then reach the clamp, so with
-        # float32 targets both are evaluated in float32 (one more call, without gradient).
-        target_prediction, target_teacher = prediction[real], teacher
-        if self._float32_targets(model, teacher, data.device.type):
-            target_teacher = in_float32(teacher)
-            long = long_jumps(time[real], target_time[real], config.small_step)
-            if long.numel():
-                target_prediction = target_prediction.detach().float().clone()
-                with torch.no_grad():
-                    target_prediction[long] = in_float32(model)(
-                        x_t[real][long], time[real][long], target_time[real][long], select(select(cond, real), long)
-                    )
-                calls += 1
-        target, teacher_calls = rcgm_target(
-            target_teacher, path, x_t[real], time[real], target_time[real], real_velocity, target_prediction,
-            select(cond, real), config.estimate_order, config.small_step, config.residual_clamp,
+        # L_base: RCGM target with the teacher, weighted by the jump length (2.3, 2.7).
+        base_per_sample, base_calls = self._base_term(
+            model, teacher, x_t[real], time[real], target_time[real], real_velocity, prediction[real],
+            select(cond, real), data.device.type,
         )
-        calls += teacher_calls
-        base_per_sample = per_sample_loss(prediction[real], target, config.loss, config.barron_constant)
-        if config.time_weighting:
-            base_per_sample = base_per_sample * time_weight(time[real], target_time[real])
+        calls += base_calls
 
         # L_adv: plain flow matching towards z - x_fake at negative time (2.4).
         adversarial_per_sample = per_sample_loss(
             prediction[fake], velocity[fake], config.loss, config.barron_constant
         )
 
-        # L_rectify: push the one-step output along -Delta_v (2.5), through the configured loss
-        # shape as the reference does. The target is formed in float32: in bfloat16, F - Delta_v
-        # would round away most of a small Delta_v.
-        rectify_per_sample = data.new_zeros(0)
-        one_step = plan.slice("one_step")
-        if config.rectify_coefficient > 0 and one_step.stop > one_step.start:
-            one_step_prediction = prediction[one_step]
-            samples = path.recover(x_t[one_step], one_step_prediction.detach(), time[one_step]).data
-            delta, rectify_calls = velocity_difference(
-                model, path, samples, select(cond, one_step), generator, config.residual_clamp
-            )
-            calls += rectify_calls
-            rectify_target = (one_step_prediction.detach().float() - delta.float())
-            shape = config.loss if config.rectify_loss is None else config.rectify_loss
-            rectify_per_sample = per_sample_loss(one_step_prediction, rectify_target, shape, config.barron_constant)
+        # L_rectify: push the one-step output along -Delta_v (2.5).
+        rectify_per_sample, rectify_calls = self._rectify_term(
+            model, plan, x_t, time, prediction, cond, generator, data.new_zeros(0)
+        )
+        calls += rectify_calls
 
         # Every term is a sum over this batch's samples divided by the batch size; L_rectify's
         # mean over the one-step samples becomes a sum over them divided by their expected
@@ -186,6 +159,55 @@ class TwinFlowObjective:
             plan=plan,
         )
 
+
+    def _base_term(
+        self, model: Network, teacher: Network, x_t: Tensor, time: Tensor, target_time: Tensor,
+        velocity: Tensor, prediction: Tensor, cond: Condition, device_type: str,
+    ) -> tuple[Tensor, int]:
+        """Per-sample L_base on the real slices and its network calls (spec 2.3, 2.7).
+
+        The residual scales the prediction and the teacher's displacement by (t - r) / dt, up to
+        100x: under bf16 autocast their rounding noise would then reach the clamp, so with
+        float32 targets both are evaluated in float32 (one more call, without gradient).
+        """
+        config, path, calls = self.config, self.path, 0
+        target_prediction, target_teacher = prediction, teacher
+        if self._float32_targets(model, teacher, device_type):
+            target_teacher = in_float32(teacher)
+            long = long_jumps(time, target_time, config.small_step)
+            if long.numel():
+                target_prediction = target_prediction.detach().float().clone()
+                with torch.no_grad():
+                    target_prediction[long] = in_float32(model)(
+                        x_t[long], time[long], target_time[long], select(cond, long)
+                    )
+                calls += 1
+        target, teacher_calls = rcgm_target(
+            target_teacher, path, x_t, time, target_time, velocity, target_prediction,
+            cond, config.estimate_order, config.small_step, config.residual_clamp,
+        )
+        per_sample = per_sample_loss(prediction, target, config.loss, config.barron_constant)
+        if config.time_weighting:
+            per_sample = per_sample * time_weight(time, target_time)
+        return per_sample, calls + teacher_calls
+
+    def _rectify_term(
+        self, model: Network, plan, x_t: Tensor, time: Tensor, prediction: Tensor, cond: Condition,
+        generator: torch.Generator | None, empty: Tensor,
+    ) -> tuple[Tensor, int]:
+        """Per-sample L_rectify on the one-step slice and its network calls (spec 2.5), through
+        the configured loss shape as the reference does. The target is formed in float32: in
+        bfloat16, F - Delta_v would round away most of a small Delta_v."""
+        config, path = self.config, self.path
+        one_step = plan.slice("one_step")
+        if config.rectify_coefficient <= 0 or one_step.stop <= one_step.start:
+            return empty, 0
+        one_step_prediction = prediction[one_step]
+        samples = path.recover(x_t[one_step], one_step_prediction.detach(), time[one_step]).data
+        delta, calls = velocity_difference(model, path, samples, select(cond, one_step), generator, config.residual_clamp)
+        rectify_target = one_step_prediction.detach().float() - delta.float()
+        shape = config.loss if config.rectify_loss is None else config.rectify_loss
+        return per_sample_loss(one_step_prediction, rectify_target, shape, config.barron_constant), calls
 
     def _float32_targets(self, model: Network, teacher: Network, device_type: str) -> bool:
         """Whether the RCGM target's calls run in float32 (``objective.target_precision``): only
