@@ -26,13 +26,11 @@ from twinflow.models import UNet, build_model
 from twinflow.objective import TwinFlowObjective, objective_config
 from twinflow.teacher import EMATeacher
 from twinflow.train import safe_dcp
-from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints
+from twinflow.train.checkpoint import checkpoint_folder, export_consolidated, list_checkpoints, load_training_checkpoint
 from twinflow.train.config import ConfigError, check_world_size, load_config
 from twinflow.train.distributed import (
     DistributedContext,
-    export_consolidated,
     gathered_weights,
-    load_training_checkpoint,
     objective_seed,
     repeated_blocks,
     setup_distributed,

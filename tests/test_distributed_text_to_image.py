@@ -43,12 +43,16 @@ from twinflow.objective import TwinFlowObjective  # noqa: E402
 from twinflow.path import get_path  # noqa: E402
 from twinflow.train.lora import teacher_for  # noqa: E402
 from twinflow.train.backbone import build_backbone  # noqa: E402
-from twinflow.train.checkpoint import SHARDED_FOLDER, checkpoint_folder, list_checkpoints  # noqa: E402
+from twinflow.train.checkpoint import (  # noqa: E402
+    SHARDED_FOLDER,
+    checkpoint_folder,
+    export_consolidated,
+    list_checkpoints,
+)
 from twinflow.train.config import load_config, phase_objective  # noqa: E402
 from twinflow.train.data import load_training_data  # noqa: E402
 from twinflow.train.distributed import (  # noqa: E402
     DistributedContext,
-    export_consolidated,
     objective_seed,
     repeated_blocks,
     setup_distributed,

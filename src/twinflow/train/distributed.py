@@ -18,7 +18,8 @@ How a run with N processes relates to a run with one:
 * **Randomness.** Each process draws the objective's noise and times from its own
   ``torch.Generator`` seeded with :func:`objective_seed` ``(seed, rank)``; rank 0 gets the seed of
   a one-process run. Every process's generator state is saved (``random.safetensors``, one entry
-  per rank), so a resume continues every stream; it needs the same number of processes.
+  per rank: :func:`twinflow.train.checkpoint.generator_key`), so a resume continues every
+  stream; it needs the same number of processes.
 * **Gradients.** DDP averages the gradients over the processes after ``backward``; FSDP2
   reduce-scatters their average. The step is therefore the gradient of the mean, over the
   processes, of each process's loss on its slice. With gradient accumulation the gradients are
@@ -32,8 +33,8 @@ How a run with N processes relates to a run with one:
   (``ema``): it is sharded with the model and blended shard by shard the same way.
 * **LoRA.** The frozen base and the adapters are sharded together, block by block: FSDP2
   gathers the frozen weights for the forwards and reduce-scatters only the adapters'
-  gradients. Checkpoints hold the adapters only (:func:`stored_names`), sharded and
-  consolidated alike; the base comes from ``model.path`` again.
+  gradients. Checkpoints hold the adapters only (:func:`twinflow.train.checkpoint.stored_names`),
+  sharded and consolidated alike; the base comes from ``model.path`` again.
 * **FSDP and the objective's network calls.** The objective's number of no-gradient calls
   depends on each process's random times (e.g. the guidance call is skipped when no time falls
   in the guidance range), while every FSDP forward is a collective all-gather. So the model and
@@ -43,17 +44,9 @@ How a run with N processes relates to a run with one:
   weights are resharded after the objective; the backward gathers block by block as usual. The
   price: the full (bf16 with ``precision: bf16``) weights of model and teacher live on every
   device during the objective; gradients and optimizer state stay sharded.
-* **Checkpoints.** ``none`` and ``ddp``: the ordinary checkpoint (rank 0 writes it; the model
-  and optimizer are replicated). ``fsdp``: every process writes its shards of model, EMA and
-  optimizer with ``torch.distributed.checkpoint`` (DCP) into ``sharded/`` of the checkpoint's
-  temporary folder; after a barrier rank 0 adds ``state.json`` and ``random.safetensors`` and
-  renames the folder into place, then prunes to the newest ``training.keep_checkpoints``. With
-  ``distributed.consolidate: true`` (the default) rank 0 also gathers the full weights into
-  ``model.safetensors`` / ``ema.safetensors`` (a LoRA run: the adapters only, gathered without
-  the base), so ``twinflow sample``, ``twinflow.load`` and ``export_diffusers`` read
-  the checkpoint like any other (this holds one full copy in rank 0's CPU memory: fine for small
-  models; switch it off for large ones and use :func:`export_consolidated` later, on one
-  process). The checkpoint folder must be on a file system all processes share.
+* **Checkpoints.** :mod:`twinflow.train.checkpoint` saves and loads them under every strategy
+  (the DCP shards of ``fsdp``, their consolidation, ``export_consolidated``); this module holds
+  only the runtime: the process group, the wrapping, the gathering, the gradient synchronisation.
 """
 
 from __future__ import annotations
@@ -61,29 +54,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from twinflow.devices import resolve_device
 from twinflow.teacher import EMATeacher
-from twinflow.train.lora import is_lora, load_model_weights, model_weights
-from twinflow.train.checkpoint import (
-    SHARDED_FOLDER,
-    Checkpoint,
-    checkpoint_folder,
-    finish_checkpoint,
-    load_checkpoint,
-    read_state,
-    start_checkpoint,
-    temporary_folder,
-)
 from twinflow.train.config import STRATEGIES, ConfigError
 
 # Rank r's objective generator is seeded with seed + 1 + r * RANK_SEED_STRIDE: rank 0 keeps the
@@ -207,11 +186,6 @@ def setup_distributed(strategy: str = "none", device: str | torch.device = "auto
 def objective_seed(seed: int, rank: int) -> int:
     """Seed of rank ``rank``'s objective generator (noise and times)."""
     return seed + 1 + rank * RANK_SEED_STRIDE
-
-
-def generator_key(rank: int, world_size: int) -> str:
-    """Name of a rank's generator state in ``random.safetensors`` (one process: the old name)."""
-    return "objective_generator" if world_size == 1 else f"objective_generator.rank{rank}"
 
 
 # ---- wrapping ---------------------------------------------------------------------------------
@@ -382,197 +356,17 @@ def clip_gradients(model: nn.Module, max_norm: float) -> Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-
-
-def save_training_checkpoint(
-    context: DistributedContext,
-    run_directory: str | Path,
-    step: int,
-    model: nn.Module,
-    teacher: EMATeacher,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    state: dict,
-    keep_last: int,
-    consolidate: bool = True,
-) -> Path:
-    """Save a training checkpoint under any strategy (every process must call this); see the module notes."""
-    states = context.gather(generator.get_state())
-    random = {generator_key(rank, context.world_size): value for rank, value in enumerate(states)}
-    state = {**state, "distributed": {"strategy": context.strategy, "world_size": context.world_size}}
-    temporary = temporary_folder(run_directory, step)
-    if context.is_main:
-        temporary = start_checkpoint(run_directory, step)
-    context.barrier()  # the temporary folder exists before anyone writes into it
-    if context.strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-
-        dcp.save(_sharded_state(model, teacher, optimizer), checkpoint_id=temporary / SHARDED_FOLDER)
-        weights = _full_state(model, stored_names(model)) if consolidate else None
-        ema = _full_state(teacher.network) if consolidate and teacher.owns_weights else None
-        checkpoint = Checkpoint(step=step, model=weights, state=state, ema=ema, random=random)
-    else:
-        checkpoint = Checkpoint(
-            step=step, model=model_weights(unwrap(model)), state=state,
-            ema=teacher.network.state_dict() if teacher.owns_weights else None,
-            optimizer=optimizer.state_dict(), random=random,
-        )
-    final = checkpoint_folder(run_directory, step)
-    if context.is_main:
-        final = finish_checkpoint(run_directory, temporary, checkpoint, keep_last)
-    context.barrier()  # nobody goes on (or prunes) before the checkpoint is in place
-    return final
-
-
-def load_training_checkpoint(
-    context: DistributedContext,
-    path: str | Path,
-    model: nn.Module,
-    teacher: EMATeacher,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> tuple[int, dict]:
-    """Restore weights, EMA, optimizer and this process's generator from a checkpoint (a run
-    folder: its newest); returns ``(step, state)`` for the rest (data order, clock)."""
-    folder, state = read_state(path)
-    stored = state.get("distributed", {"strategy": "none", "world_size": 1})
-    if stored["world_size"] != context.world_size or stored["strategy"] != context.strategy:
-        raise ValueError(
-            f"checkpoint {folder} was written by {stored['world_size']} process(es) with distributed.strategy="
-            f"{stored['strategy']!r}; this run has {context.world_size} with {context.strategy!r}. Resume with the "
-            "same number of processes and strategy (the data slices and the per-process random streams depend on them)"
-        )
-    random = load_file(str(folder / "random.safetensors"))
-    generator.set_state(random[generator_key(context.rank, context.world_size)])
-    if context.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-        from twinflow.train import safe_dcp
-
-        sharded = _sharded_state(model, teacher, optimizer)
-        safe_dcp.load(sharded, folder / SHARDED_FOLDER)  # refuses a tampered .metadata or entry
-        # A LoRA checkpoint holds the adapters only (dcp.load has checked that it has them all):
-        # the frozen base, already loaded from model.path, is "missing" on purpose.
-        options = StateDictOptions(strict=stored_names(model) is None)
-        set_state_dict(
-            model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optimizer"], options=options
-        )
-        if teacher.owns_weights:
-            set_model_state_dict(teacher.network, sharded["ema"])
-    else:
-        checkpoint = load_checkpoint(folder, map_location=context.device)
-        load_model_weights(unwrap(model), checkpoint.model)
-        if teacher.owns_weights:
-            if checkpoint.ema is None:
-                raise ValueError(f"checkpoint {folder} has no EMA weights but training.ema_decay > 0")
-            teacher.network.load_state_dict(checkpoint.ema)
-        optimizer.load_state_dict(checkpoint.optimizer)
-    teacher.load_state_dict(state["teacher"])
-    return int(state.pop("step")), state
-
-
-def stored_names(model: nn.Module) -> set[str] | None:
-    """The model's state-dict entries a checkpoint holds: ``None`` for all of them, or for a LoRA
-    model the adapters (``default`` and ``ema``) and a trained ``emb_2`` (:func:`model_weights`).
-
-    Under FSDP the names come from the local shards, so this communicates nothing.
-    """
-    model = unwrap(model)
-    return set(model_weights(model)) if is_lora(model) else None
-
-
-def _sharded_state(model: nn.Module, teacher: EMATeacher, optimizer: torch.optim.Optimizer) -> dict:
-    """DCP state dict: this process's shards of model, optimizer and EMA (same keys on every process).
-
-    A LoRA model's entry holds only the adapters: the frozen base would cost a copy of the
-    pretrained weights in every checkpoint.
-    """
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-    weights, optimizer_state = get_state_dict(model, optimizer)
-    names = stored_names(model)
-    if names is not None:
-        weights = {name: value for name, value in weights.items() if name in names}
-    state = {"model": weights, "optimizer": optimizer_state}
-    if teacher.owns_weights:
-        state["ema"] = get_model_state_dict(teacher.network)
-    return state
-
-
-def _full_state(network: nn.Module, names: set[str] | None = None) -> dict[str, Tensor]:
-    """Full weights on rank 0's CPU (an empty dict elsewhere); a collective.
-
-    ``names``: only these entries (a LoRA model's adapters), gathered one by one in state-dict
-    order (the same on every process), so the frozen base is never gathered.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    if names is None:
-        return get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    full = {}
-    for name, value in network.state_dict().items():
-        if name not in names:
-            continue
-        value = value.full_tensor() if isinstance(value, DTensor) else value
-        if dist.get_rank() == 0:
-            full[name] = value.detach().cpu().clone()
-    return full
-
-
-def _rebuilt_weights(architecture: dict) -> dict[str, Tensor]:
-    """A fresh model of ``architecture`` (a LoRA model with its adapters), as a checkpoint holds it:
-    the template that DCP loads the shards into."""
-    from twinflow.train.backbone import model_from_architecture
-
-    return model_weights(model_from_architecture(architecture))
-
-
-def export_consolidated(checkpoint: str | Path) -> Path:
-    """Write ``model.safetensors`` (and ``ema.safetensors``) of an FSDP checkpoint from its DCP shards.
-
-    Runs in one process without a process group (DCP reshards into full tensors on load), for
-    checkpoints saved with ``distributed.consolidate: false``. A LoRA checkpoint gives its
-    adapters only, as a one-process LoRA checkpoint has them. Returns the checkpoint folder.
-    """
-    from twinflow.train import safe_dcp
-
-    folder, state = read_state(checkpoint)
-    sharded = folder / SHARDED_FOLDER
-    if not sharded.is_dir():
-        raise FileNotFoundError(f"checkpoint {folder} has no {SHARDED_FOLDER}/ folder (not an FSDP checkpoint)")
-    architecture = state["architecture"]
-    stored_keys = safe_dcp.SafeFileSystemReader(str(sharded)).read_metadata().state_dict_metadata
-    template = {"model": _rebuilt_weights(architecture)}
-    if any(key.startswith("ema.") for key in stored_keys):
-        template["ema"] = _rebuilt_weights(architecture)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        safe_dcp.load(template, sharded, no_dist=True)
-    for name, weights in template.items():
-        partial = folder / f".{name}.safetensors.partial"
-        save_file({key: value.contiguous() for key, value in weights.items()}, str(partial))
-        os.replace(partial, folder / f"{name}.safetensors")
-    return folder
-
-
 __all__ = [
     "STRATEGIES",
     "DistributedContext",
     "clip_gradients",
-    "export_consolidated",
     "gathered_weights",
-    "generator_key",
     "gradient_sync",
     "launched_by_torchrun",
-    "load_training_checkpoint",
     "mixed_precision_policy",
     "objective_seed",
     "repeated_blocks",
-    "save_training_checkpoint",
     "setup_distributed",
-    "stored_names",
     "unwrap",
     "wrap_model",
     "wrap_teacher",

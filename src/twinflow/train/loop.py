@@ -40,7 +40,12 @@ from twinflow.path import Path as ProbabilityPath
 from twinflow.path import get_path
 from twinflow.pipeline import ClassConditionalGenerator
 from twinflow.teacher import EMATeacher
-from twinflow.train.checkpoint import list_checkpoints, load_checkpoint
+from twinflow.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from twinflow.train.backbone import build_backbone
 from twinflow.train.config import ConfigError, check_world_size, phase_at, phase_objective, total_steps
 from twinflow.train.data import TrainingData, load_training_data
@@ -49,9 +54,7 @@ from twinflow.train.distributed import (
     clip_gradients,
     gathered_weights,
     gradient_sync,
-    load_training_checkpoint,
     objective_seed,
-    save_training_checkpoint,
     setup_distributed,
     unwrap,
     wrap_model,
