@@ -246,7 +246,8 @@ def _dry_run(config_path: Path, overrides: list[str], arguments: argparse.Namesp
     """``train --dry-run``: the pre-flight plan of :mod:`twinflow.train.preflight`; every problem
     becomes one ``ValueError`` line (exit code 2), and nothing is written."""
     from twinflow.train.config import load_config
-    from twinflow.train.preflight import default_world_size, parse_latent_size, preflight, render
+    from twinflow.train.preflight import default_world_size, parse_latent_size, preflight
+    from twinflow.train.preflight_report import render
 
     try:
         config = load_config(config_path, overrides)
