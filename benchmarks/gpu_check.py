@@ -504,7 +504,7 @@ def generation_section(entry: dict, plan: Plan, model, deadline: Deadline, log) 
 
 def overhead_section(entry: dict, plan: Plan, model, memory: Memory, deadline: Deadline, log) -> None:
     """``twinflow.sample`` against the same number of bare transformer (and adapter) calls."""
-    from twinflow.generation.text_to_image import resolve_sampler
+    from twinflow.sampler import resolve_sampler
     from twinflow.sampler import sample
 
     device = model.device
@@ -517,7 +517,7 @@ def overhead_section(entry: dict, plan: Plan, model, memory: Memory, deadline: D
             entry["notes"].append(f"{nfe} NFE not measured: deadline")
             continue
         preset = generation_speed.preset_for(nfe)
-        _, config = resolve_sampler(preset)
+        config = resolve_sampler(preset)
         adapter_inputs, transformer_inputs = [], []
 
         def recording_model(x, t, r, c):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +11,15 @@ import torch
 from PIL import Image
 
 import twinflow
+from cli_runs import SCRIPT, SMALL, TINY, sets
 from twinflow.cli import main
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
-SCRIPT = Path(sys.executable).parent / "twinflow"
-SMALL = ["data.limit=64", "device=cpu", "sampling.per_class=1"]
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [item for override in overrides for item in ("--set", override)]
 
 
 @pytest.fixture(scope="module")
 def run(single_thread, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli_run")
-    code = main(["train", "--config", str(TINY), "--out", str(out), *_sets(SMALL)])
+    code = main(["train", "--config", str(TINY), "--out", str(out), *sets(SMALL)])
     assert code == 0
     return out
 
@@ -105,7 +96,7 @@ def test_resume_without_a_run_errors_cleanly(single_thread, tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(missing)]) != 0
     error = capsys.readouterr().err
     assert error.startswith("error:") and "config.yaml" in error
-    assert main(["train", "--resume", "--config", str(TINY), "--out", str(missing), *_sets(SMALL)]) != 0
+    assert main(["train", "--resume", "--config", str(TINY), "--out", str(missing), *sets(SMALL)]) != 0
     error = capsys.readouterr().err
     assert error.startswith("error:") and "no checkpoint" in error
 
@@ -138,7 +129,7 @@ def test_training_into_an_earlier_run_without_resume_is_refused_and_changes_noth
     """Issue 14, item 1: a fresh run into a run folder would overwrite and prune its checkpoints
     and mix its logs; it is refused (exit 2, one line) before anything is written."""
     before = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in run.rglob("*") if path.is_file()}
-    code = main(["train", "--config", str(TINY), "--out", str(run), *_sets(SMALL + ["seed=7"])])
+    code = main(["train", "--config", str(TINY), "--out", str(run), *sets(SMALL + ["seed=7"])])
     assert code == 2
     error = capsys.readouterr().err
     assert error.startswith("error:") and str(run) in error and "--resume" in error
@@ -148,9 +139,9 @@ def test_training_into_an_earlier_run_without_resume_is_refused_and_changes_noth
     # an empty folder (made by the user beforehand) is a fresh run's folder; a file is not
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["train", "--config", str(TINY), "--out", str(empty), *_sets(SMALL)]) == 0
+    assert main(["train", "--config", str(TINY), "--out", str(empty), *sets(SMALL)]) == 0
     assert list_checkpoints(empty) == [checkpoint_folder(empty, 3), checkpoint_folder(empty, 6)]
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
-    assert main(["train", "--config", str(TINY), "--out", str(a_file), *_sets(SMALL)]) == 2
+    assert main(["train", "--config", str(TINY), "--out", str(a_file), *sets(SMALL)]) == 2
     assert "is a file" in capsys.readouterr().err and a_file.read_text() == "keep me"

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cli_runs import SCRIPT, SMALL, TINY, sets
 from twinflow.cli import main
 from twinflow.train.checkpoint import checkpoint_folder, list_checkpoints
 
@@ -40,14 +41,6 @@ from tiny_text_to_image import save_tiny_transformer, write_tiny_cache  # noqa: 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
-SCRIPT = Path(sys.executable).parent / "twinflow"
-SMALL = ["data.limit=64", "device=cpu", "sampling.per_class=1"]
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [item for override in overrides for item in ("--set", override)]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

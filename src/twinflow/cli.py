@@ -243,19 +243,16 @@ def command_train(arguments: argparse.Namespace) -> None:
 
 
 def _dry_run(config_path: Path, overrides: list[str], arguments: argparse.Namespace) -> None:
-    """``train --dry-run``: the pre-flight plan of :mod:`twinflow.train.preflight`; every problem
-    becomes one ``ValueError`` line (exit code 2), and nothing is written."""
+    """``train --dry-run``: the pre-flight plan of :mod:`twinflow.train.preflight`; nothing is
+    written, and every problem is one ``error:`` line with exit code 2 (:func:`main`)."""
     from twinflow.train.config import load_config
     from twinflow.train.preflight import default_world_size, parse_latent_size, preflight
     from twinflow.train.preflight_report import render
 
-    try:
-        config = load_config(config_path, overrides)
-        world_size = arguments.world_size if arguments.world_size is not None else default_world_size()
-        latent_size = parse_latent_size(arguments.latent_size) if arguments.latent_size else None
-        plan = preflight(config, world_size, latent_size)
-    except (ValueError, FileNotFoundError) as error:
-        raise ValueError(" ".join(str(error).split())) from None  # one line, whatever the source
+    config = load_config(config_path, overrides)
+    world_size = arguments.world_size if arguments.world_size is not None else default_world_size()
+    latent_size = parse_latent_size(arguments.latent_size) if arguments.latent_size else None
+    plan = preflight(config, world_size, latent_size)
     print(f"config: {config_path}")
     print(render(plan))
 
@@ -264,10 +261,10 @@ def command_sample(arguments: argparse.Namespace) -> None:
     from twinflow.eval.grid import save_grid
     from twinflow.pipeline import load
 
-    from twinflow.sampler import override_sampler, sampler_from_spec
+    from twinflow.sampler import resolve_sampler
 
     overrides = parse_assignments(arguments.sampler_overrides, "--sampler")
-    override_sampler(sampler_from_spec(arguments.preset), **overrides)  # a typo is named before any weight is read
+    resolve_sampler(arguments.preset, **overrides)  # a typo is named before any weight is read
     generator = load(arguments.checkpoint, device=arguments.device, use_ema=arguments.ema, precision=arguments.precision)
     labels = arguments.labels
     samples = generator.sample(
@@ -310,11 +307,10 @@ def command_eval(arguments: argparse.Namespace) -> None:
 
 
 def command_generate(arguments: argparse.Namespace) -> None:
-    from twinflow.generation import TextToImage, save_images
-
-    from twinflow.generation import resolve_sampler
     from twinflow.devices import resolve_device, resolve_dtype
+    from twinflow.generation import TextToImage, save_images
     from twinflow.generation.loading import check_image_size
+    from twinflow.sampler import resolve_sampler
 
     prompts = read_prompts(arguments)
     if not prompts and arguments.embeddings is None:

@@ -14,7 +14,7 @@ from twinflow.devices import resolve_device
 from twinflow.models import build_model
 from twinflow.path import Path as ProbabilityPath
 from twinflow.path import get_path
-from twinflow.sampler import SamplerConfig, override_sampler, sample, sampler_from_spec
+from twinflow.sampler import SamplerConfig, resolve_sampler, sample
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ClassConditionalGenerator:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], got [{int(labels.min())}, {int(labels.max())}]")
-        config = override_sampler(preset if isinstance(preset, SamplerConfig) else sampler_from_spec(preset), **overrides)
+        config = resolve_sampler(preset, **overrides)
         generator = torch.Generator().manual_seed(seed)
         images, calls = [], 0
         start = time.perf_counter()

@@ -34,10 +34,8 @@ def pad_tokens(tensor: Tensor, length: int) -> Tensor:
 def pad_rows(rows: Sequence[Tensor]) -> dict[str, Tensor]:
     """Variable-length (L_i, D) embeddings -> right-padded ``prompt_embeds`` (N, L, D) and mask (N, L)."""
     length = max(row.shape[0] for row in rows)
-    embeds = torch.stack([torch.cat([row, row.new_zeros(length - row.shape[0], *row.shape[1:])]) for row in rows])
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
-    for index, row in enumerate(rows):
-        mask[index, : row.shape[0]] = 1
+    embeds = torch.cat([pad_tokens(row.unsqueeze(0), length) for row in rows])
+    mask = torch.cat([pad_tokens(row.new_ones(1, row.shape[0], dtype=torch.long), length) for row in rows])
     return {EMBEDS: embeds, MASK: mask}
 
 

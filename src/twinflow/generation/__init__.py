@@ -12,7 +12,7 @@ from twinflow.families import FAMILIES, PIPELINE_FAMILIES, Family
 from twinflow.generation.embeddings import PromptEmbeddings, load_embeddings, save_embeddings
 from twinflow.generation.images import read_image_metadata, save_images
 from twinflow.generation.loading import folder_family
-from twinflow.generation.text_to_image import GenerationResult, PromptEncoder, TextToImage, resolve_sampler
+from twinflow.generation.text_to_image import GenerationResult, PromptEncoder, TextToImage
 
 __all__ = [
     "FAMILIES",
@@ -26,7 +26,6 @@ __all__ = [
     "load_embeddings",
     "read_image_metadata",
     "resolve_dtype",
-    "resolve_sampler",
     "save_embeddings",
     "save_images",
 ]

@@ -28,9 +28,9 @@ from twinflow.devices import resolve_device, resolve_dtype
 from twinflow.families import Family
 from twinflow.generation.embeddings import PromptEmbeddings, concatenate_conditions, load_embeddings, select_rows
 from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline
-from twinflow.sampler import SamplerConfig, override_sampler, sample, sampler_from_spec
+from twinflow.sampler import SamplerConfig, resolve_sampler, sample
 
-__all__ = ["GenerationResult", "PromptEncoder", "TextToImage", "resolve_sampler"]
+__all__ = ["GenerationResult", "PromptEncoder", "TextToImage"]
 
 DEFAULT_SIZE = 1024
 
@@ -59,14 +59,6 @@ class GenerationResult:
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / max(len(self.images), 1)
-
-
-def resolve_sampler(preset: str | SamplerConfig, **overrides: Any) -> tuple[str, SamplerConfig]:
-    """A preset name or spec (``"2nfe"``, ``"multi:steps=50"``) or a config, with field overrides;
-    returns a label for the metadata and the validated config."""
-    if isinstance(preset, SamplerConfig):
-        return "custom", override_sampler(preset, **overrides)
-    return preset, override_sampler(sampler_from_spec(preset), **overrides)
 
 
 class PromptEncoder:
@@ -267,7 +259,8 @@ class TextToImage:
             progress: a progress bar over batches.
         """
         start = time.perf_counter()
-        label, config = resolve_sampler(preset, **overrides)
+        label = "custom" if isinstance(preset, SamplerConfig) else preset  # for the images' metadata
+        config = resolve_sampler(preset, **overrides)
         config = replace(config, guidance_scale=float(guidance_scale)).validate()
         latent_shape = self.latent_shape(width, height)
         if not isinstance(batch_size, int) or batch_size < 1:

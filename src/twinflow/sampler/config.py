@@ -191,6 +191,13 @@ def sampler_from_spec(spec: str) -> SamplerConfig:
     return sampler_config(name.strip(), **overrides)
 
 
+def resolve_sampler(preset: str | SamplerConfig, **overrides: Any) -> SamplerConfig:
+    """What every caller takes as a sampler: a preset name, a spec (``multi:steps=50``) or a
+    config, with single fields overridden (``steps=8``); validated, a typo named."""
+    base = preset if isinstance(preset, SamplerConfig) else sampler_from_spec(preset)
+    return override_sampler(base, **overrides)
+
+
 def split_specs(text: str) -> list[str]:
     """Split a comma-separated list of sampler specs, keeping commas inside ``[...]``."""
     return [part.strip() for part in re.split(r",(?![^\[]*\])", text) if part.strip()]
