@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from twinflow.checks import is_integer
 from twinflow.devices import resolve_device
 from twinflow.models import build_model
 from twinflow.path import Path as ProbabilityPath
@@ -106,7 +107,7 @@ class ClassConditionalGenerator:
 
 
 def _is_count(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    return is_integer(value) and value >= minimum
 
 
 def load(

@@ -16,10 +16,11 @@ continues the sequence exactly where it left off.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from numbers import Integral
 
 import torch
 from torch import Tensor
+
+from twinflow.checks import is_integer
 
 
 class EpochOrder:
@@ -87,16 +88,16 @@ class ShuffledBatches(EpochOrder):
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int = 0) -> None:
-        if not _is_int(num_items) or num_items < 1:
+        if not is_integer(num_items) or num_items < 1:
             raise ValueError(f"ShuffledBatches num_items must be a positive int, got {num_items!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"ShuffledBatches batch_size must be a positive int, got {batch_size!r}")
         if batch_size > num_items:
             raise ValueError(
                 f"ShuffledBatches batch_size {batch_size} is larger than num_items {num_items}; "
                 f"not even one full batch fits in an epoch"
             )
-        if not _is_int(seed):
+        if not is_integer(seed):
             raise ValueError(f"ShuffledBatches seed must be an int, got {seed!r}")
         super().__init__()
         self.num_items = int(num_items)
@@ -142,9 +143,9 @@ class BucketBatches(EpochOrder):
         ids = torch.as_tensor(bucket_ids)
         if ids.ndim != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"BucketBatches bucket_ids must be a non-empty 1-D integer sequence, got {bucket_ids!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"BucketBatches batch_size must be a positive int, got {batch_size!r}")
-        if not _is_int(seed):
+        if not is_integer(seed):
             raise ValueError(f"BucketBatches seed must be an int, got {seed!r}")
         super().__init__()
         ids = ids.to(torch.int64)
@@ -185,13 +186,10 @@ def read_order_state(state: Mapping[str, int], owner: str, positions: int) -> tu
         if key not in state:
             raise ValueError(f"{owner} state is missing key {key!r}; got keys {sorted(state)}")
     epoch, position = state["epoch"], state["position"]
-    if not _is_int(epoch) or epoch < 0:
+    if not is_integer(epoch) or epoch < 0:
         raise ValueError(f"{owner} state 'epoch' must be a non-negative int, got {epoch!r}")
-    if not _is_int(position) or not 0 <= position <= positions:
+    if not is_integer(position) or not 0 <= position <= positions:
         raise ValueError(f"{owner} state 'position' must be an int in [0, {positions}], got {position!r}")
     return int(epoch), int(position)
 
 
-def _is_int(value: object) -> bool:
-    """True for integers (Python or numpy) but not bools."""
-    return isinstance(value, Integral) and not isinstance(value, bool)

@@ -26,7 +26,7 @@ from twinflow.data.cache_format import (
     concatenate_rows,
     partial_folder,
 )
-from twinflow.data.datasets import _is_int
+from twinflow.checks import is_integer
 
 
 class CachedLatents:
@@ -109,7 +109,7 @@ class CachedLatents:
     def __getitem__(self, index: int | Tensor | Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
         if isinstance(index, Tensor) and index.ndim == 0:
             index = int(index)
-        if _is_int(index):
+        if is_integer(index):
             position = int(index)
             if not -len(self) <= position < len(self):
                 raise IndexError(f"index {position} is out of range for {len(self)} cached items")

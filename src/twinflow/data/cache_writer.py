@@ -56,7 +56,7 @@ from twinflow.data.cache_format import (
     shard_name,
 )
 from twinflow.data.cache_reader import CachedLatents
-from twinflow.data.datasets import _is_int
+from twinflow.checks import is_integer
 
 
 def cache_dataset(
@@ -148,9 +148,9 @@ def _check_pass(dataset: Any, shard_size: Any, batch_size: Any) -> None:
     """Refuse an empty dataset and sizes that are not positive ints."""
     if len(dataset) < 1:
         raise ValueError("cache_dataset needs a non-empty dataset")
-    if not _is_int(shard_size) or shard_size < 1:
+    if not is_integer(shard_size) or shard_size < 1:
         raise ValueError(f"cache_dataset shard_size must be a positive int, got {shard_size!r}")
-    if not _is_int(batch_size) or batch_size < 1:
+    if not is_integer(batch_size) or batch_size < 1:
         raise ValueError(f"cache_dataset batch_size must be a positive int, got {batch_size!r}")
 
 

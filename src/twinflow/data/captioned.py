@@ -32,7 +32,6 @@ same report, warned about, and replaced by the next good item of the same bucket
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from twinflow.checks import is_finite_number, is_integer
 from twinflow.data.buckets import DEFAULT_BUCKET_MULTIPLE, DEFAULT_BUCKET_RATIOS, aspect_ratio_buckets, nearest_bucket
 from twinflow.data.captioned_scan import (
     ScannedItem,
@@ -54,7 +54,7 @@ from twinflow.data.captioned_scan import (
     scan_folder,
     scan_parquet,
 )
-from twinflow.data.datasets import _image_to_chw_array, _is_int, _uint8_to_unit_range
+from twinflow.data.datasets import _image_to_chw_array, _uint8_to_unit_range
 from twinflow.data.image_decoding import IMAGE_ERRORS, decode_image, resize_center_crop
 
 CAPTIONED_SOURCES: tuple[str, ...] = ("folder", "parquet")
@@ -110,21 +110,21 @@ class CaptionedDataConfig:
             raise ValueError(f"CaptionedDataConfig.source must be one of {list(CAPTIONED_SOURCES)}, got {self.source!r}")
         if not self.root:
             raise ValueError("CaptionedDataConfig.root is required")
-        if not _is_int(self.image_size) or self.image_size < 1:
+        if not is_integer(self.image_size) or self.image_size < 1:
             raise ValueError(f"CaptionedDataConfig.image_size must be a positive int, got {self.image_size!r}")
-        if not _is_int(self.channels) or self.channels not in (1, 3):
+        if not is_integer(self.channels) or self.channels not in (1, 3):
             raise ValueError(f"CaptionedDataConfig.channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
         if not isinstance(self.buckets, bool):
             raise ValueError(f"CaptionedDataConfig.buckets must be a bool, got {self.buckets!r}")
         self.bucket_ratios = tuple(self.bucket_ratios)
         if not self.bucket_ratios or not all(
-            isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio > 0
+            is_finite_number(ratio) and ratio > 0
             for ratio in self.bucket_ratios
         ):
             raise ValueError(
                 f"CaptionedDataConfig.bucket_ratios must be positive numbers (width / height), got {self.bucket_ratios!r}"
             )
-        if not _is_int(self.bucket_multiple) or self.bucket_multiple < 1:
+        if not is_integer(self.bucket_multiple) or self.bucket_multiple < 1:
             raise ValueError(
                 f"CaptionedDataConfig.bucket_multiple must be a positive int, got {self.bucket_multiple!r}"
             )
@@ -140,9 +140,9 @@ class CaptionedDataConfig:
             raise ValueError(f"CaptionedDataConfig.on_error must be one of {list(ON_ERROR_MODES)}, got {self.on_error!r}")
         if not isinstance(self.verify_images, bool):
             raise ValueError(f"CaptionedDataConfig.verify_images must be a bool, got {self.verify_images!r}")
-        if not _is_int(self.report_limit) or self.report_limit < 0:
+        if not is_integer(self.report_limit) or self.report_limit < 0:
             raise ValueError(f"CaptionedDataConfig.report_limit must be a non-negative int, got {self.report_limit!r}")
-        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+        if self.limit is not None and (not is_integer(self.limit) or self.limit < 1):
             raise ValueError(f"CaptionedDataConfig.limit must be None or a positive int, got {self.limit!r}")
 
 
@@ -209,7 +209,7 @@ class CaptionedImages:
     def __getitem__(self, index: int | Tensor | Sequence[int]) -> tuple[Tensor, Any]:
         if isinstance(index, Tensor) and index.ndim == 0:
             index = int(index)
-        if _is_int(index):
+        if is_integer(index):
             position = int(index)
             if not -len(self) <= position < len(self):
                 raise IndexError(f"index {position} is out of range for {len(self)} items")

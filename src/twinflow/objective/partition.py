@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from twinflow.objective.config import ObjectiveConfig, SliceProportions
+from twinflow.regimes import SLICE_NAMES
 
-SLICE_NAMES = ("one_step", "multi_step", "any_step", "fake")
 MAX_PERIOD = 4096  # samples in one period of the slice pattern
 PROPORTION_DENOMINATOR = 100  # proportions are read as fractions with denominators up to this
 

@@ -3,23 +3,19 @@ one-line specs such as ``multi:steps=50``; what a run, a command line or a repor
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-STYLES = ("few", "any", "mul")
-"""Step styles: the target time ``r`` of each call is 0, ``t_next`` or ``t_cur``."""
+from twinflow.checks import is_finite_number, is_integer, is_number
+from twinflow.regimes import STYLES, sampler_style
+
 
 AUTO = "auto"
 """Value of ``stochastic_ratio`` that selects the per-step rule of :func:`step_stochastic_ratio`."""
 
 _TUPLE_FIELDS = {"time_warp": 3, "gaps": 2, "guidance_interval": 2}
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -33,6 +29,8 @@ class SamplerConfig:
             on each except the last, i.e. ``2 * intervals - 1`` calls.
         style: ``"few"`` (target time ``r = 0``), ``"any"`` (``r = t_next``) or ``"mul"``
             (``r = t_cur``, ordinary multi-step sampling of an instantaneous-velocity model).
+            The regime names ``one_step``, ``any_step``, ``multi_step`` of
+            :mod:`twinflow.regimes` are accepted and stored as these.
         order: 1 (Euler-like) or 2 (Heun correction).
         stochastic_ratio: rho in [0, 1], the share of fresh noise in each re-noising, or
             ``"auto"`` for the per-step rule of :func:`step_stochastic_ratio`.
@@ -60,6 +58,14 @@ class SamplerConfig:
     guidance_scale: float = 0.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
 
+    def __post_init__(self) -> None:
+        # One vocabulary for users: a regime name is stored as the spec's style name.
+        if isinstance(self.style, str) and self.style not in STYLES:
+            try:
+                object.__setattr__(self, "style", sampler_style(self.style))
+            except ValueError:
+                pass  # validate() names the bad style; a config is built before it is checked
+
     @property
     def intervals(self) -> int:
         """Number of grid intervals: ``steps`` for order 1, ``(steps + 1) // 2`` for order 2."""
@@ -67,19 +73,18 @@ class SamplerConfig:
 
     def validate(self) -> SamplerConfig:
         """Check every field; raise ``ValueError`` naming the bad field. Returns ``self``."""
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+        if not is_integer(self.steps) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.style not in STYLES:
-            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        sampler_style(self.style)
         if self.order not in (1, 2) or isinstance(self.order, bool):
             raise ValueError(f"order must be 1 or 2, got {self.order!r}")
         rho = self.stochastic_ratio
         if isinstance(rho, str):
             if rho != AUTO:
                 raise ValueError(f"stochastic_ratio must be in [0, 1] or {AUTO!r}, got {rho!r}")
-        elif not (_is_number(rho) and 0.0 <= rho <= 1.0):
+        elif not (is_number(rho) and 0.0 <= rho <= 1.0):
             raise ValueError(f"stochastic_ratio must be in [0, 1] or {AUTO!r}, got {rho!r}")
-        if not (_is_number(self.extrapolation_ratio) and math.isfinite(self.extrapolation_ratio)):
+        if not (is_finite_number(self.extrapolation_ratio)):
             raise ValueError(
                 f"extrapolation_ratio must be a finite number, got {self.extrapolation_ratio!r}"
             )
@@ -88,7 +93,7 @@ class SamplerConfig:
             if not (
                 isinstance(value, (tuple, list))
                 and len(value) == length
-                and all(_is_number(item) and math.isfinite(item) for item in value)
+                and all(is_finite_number(item) for item in value)
             ):
                 raise ValueError(f"{name} must be {length} finite numbers, got {value!r}")
         if any(item <= 0 for item in self.time_warp):
@@ -98,7 +103,7 @@ class SamplerConfig:
             raise ValueError(
                 f"gaps must each be in [0, 1) with g0 + g1 < 1, got {self.gaps!r}"
             )
-        if not (_is_number(self.guidance_scale) and math.isfinite(self.guidance_scale)):
+        if not (is_finite_number(self.guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         low, high = self.guidance_interval
         if low > high:

@@ -14,7 +14,8 @@ from torch import Tensor
 from twinflow.conditions import check_batch, concatenate
 from twinflow.path import Endpoints, LinearPath, Path
 from twinflow.randomness import Generators, randn_like
-from twinflow.sampler.config import AUTO, STYLES, SamplerConfig
+from twinflow.regimes import sampler_style
+from twinflow.sampler.config import AUTO, SamplerConfig
 
 Model = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
 
@@ -47,14 +48,14 @@ def time_grid(config: SamplerConfig) -> Tensor:
 
 
 def target_time(style: str, t_cur: float, t_next: float) -> float:
-    """The target time ``r`` of a call at ``t_cur`` (step to ``t_next``) for a style."""
+    """The target time ``r`` of a call at ``t_cur`` (step to ``t_next``) for a style
+    (:data:`twinflow.regimes.REGIMES` lists them)."""
+    style = sampler_style(style)
     if style == "few":
         return 0.0
     if style == "any":
         return t_next
-    if style == "mul":
-        return t_cur
-    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return t_cur  # "mul"
 
 
 def step_stochastic_ratio(

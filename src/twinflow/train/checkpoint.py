@@ -59,6 +59,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from twinflow.checks import is_integer
 from twinflow.teacher import EMATeacher
 from twinflow.train.distributed import DistributedContext, unwrap
 from twinflow.train.lora import is_lora, load_model_weights, model_weights
@@ -176,7 +177,7 @@ def read_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint state file {state_path} must hold a JSON object, got {type(state).__name__}")
     step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_integer(step) or step < 0:
         raise ValueError(f"checkpoint state file {state_path}: 'step' must be a non-negative integer, got {step!r}")
     return folder, state
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from twinflow.checks import is_finite_number, is_integer
 from twinflow.teacher import EMATeacher
 
 ADAPTABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # what PEFT's LoRA adapts
@@ -50,9 +51,9 @@ def lora_options(options: dict | None) -> dict | None:
     if unknown:
         raise ValueError(f"unknown key(s) {['training.lora.' + k for k in unknown]}; known: {sorted(LORA_DEFAULTS)}")
     options = {**LORA_DEFAULTS, **options}
-    if not isinstance(options["rank"], int) or options["rank"] < 1:
+    if not is_integer(options["rank"]) or options["rank"] < 1:
         raise ValueError(f"training.lora.rank must be a positive integer, got {options['rank']!r}")
-    if isinstance(options["alpha"], bool) or not isinstance(options["alpha"], (int, float)) or options["alpha"] <= 0:
+    if not is_finite_number(options["alpha"]) or options["alpha"] <= 0:
         raise ValueError(f"training.lora.alpha must be a positive number, got {options['alpha']!r}")
     targets = options["target_modules"]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from twinflow.checks import is_integer
 from twinflow.sampler import sampler_from_spec, split_specs
 from twinflow.train.lora import lora_options
 
@@ -39,10 +40,6 @@ class Rule:
         except (TypeError, ValueError) as error:
             reason = f" ({error})" if str(error) else ""
             raise ConfigError(f"{key} must be {self.expected}, got {value!r}{reason}") from None
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not here
 
 
 def _as_number(value: Any) -> float:
@@ -72,7 +69,7 @@ def _inside(value: float, minimum: float | None, maximum: float | None, open_min
 
 def integer(minimum: int = 0) -> Rule:
     def accept(value: Any) -> int:
-        if not _is_integer(value) or value < minimum:
+        if not is_integer(value) or value < minimum:
             raise ValueError
         return value
 
@@ -111,7 +108,7 @@ def integers(minimum: int = 1) -> Rule:
     """A non-empty list of integers (``model.channels``); kept as given, a list or a tuple."""
 
     def accept(value: Any) -> Any:
-        if not isinstance(value, (list, tuple)) or not value or not all(_is_integer(v) and v >= minimum for v in value):
+        if not isinstance(value, (list, tuple)) or not value or not all(is_integer(v) and v >= minimum for v in value):
             raise ValueError
         return value
 
