@@ -117,7 +117,31 @@ def _flux_reference(transformer, x, t, condition):
     return FluxPipeline._unpack_latents(tokens, height * VAE_SCALE, width * VAE_SCALE, VAE_SCALE)
 
 
+def _sana_reference(transformer, x, t, condition):
+    return transformer(
+        x,
+        encoder_hidden_states=condition["prompt_embeds"],
+        encoder_attention_mask=condition["prompt_embeds_mask"],
+        timestep=t * 1000,  # SanaPipeline: the scheduler's 1000 sigma, times timestep_scale = 1
+        return_dict=False,
+    )[0]
+
+
+def _sana(**options):
+    return diffusers.SanaTransformer2DModel(
+        in_channels=CHANNELS, out_channels=CHANNELS, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=SIZE, patch_size=1, **options,
+    )
+
+
 FAMILIES = {
+    "sana": Family(
+        "sana",
+        _sana,
+        lambda batch, generator: {"prompt_embeds": _text(batch, generator), "prompt_embeds_mask": _mask(batch)},
+        _sana_reference,
+    ),
     "qwen_image": Family(
         "qwen_image",
         lambda **options: diffusers.QwenImageTransformer2DModel(
@@ -213,7 +237,7 @@ def test_state_dict_keeps_original_keys_and_adds_released_names(family):
     assert all(torch.equal(before[key], after[key]) for key in before)
     expected = sorted(f"{name}_2.{key[len(name) + 1:]}" for key in before if key.startswith(name + "."))
     assert added == expected == sorted(extra_state_dict(adapter))
-    assert added[0].startswith({"z_image": "t_embedder_2."}.get(family, "time_text_embed_2."))
+    assert added[0].startswith({"z_image": "t_embedder_2.", "sana": "time_embed_2."}.get(family, "time_text_embed_2."))
     # emb_2 starts as a copy of emb; emb itself stays in place, wrapped by a forward hook.
     assert all(torch.equal(after[key], after[name + key[len(name) + 2:]]) for key in added)
     assert isinstance(adapter.time_embedding, TargetTimeEmbedding)
@@ -300,7 +324,7 @@ EMBEDDING_ARGUMENTS = {  # what each forward passes its time embedding after the
 EMBEDDING_SCALE = {"qwen_image": 1.0, "sd3": 1000.0, "flux": 1000.0}  # Qwen-Image's embedding scales itself
 
 
-SPEC_CASES = [(family, None) for family in FAMILY_NAMES if family != "z_image"] + [
+SPEC_CASES = [(family, None) for family in FAMILY_NAMES if family not in ("z_image", "sana")] + [
     ("z_image", "data"), ("z_image", "reference"),  # where r = 0 lands on the reversed clock
 ]
 
@@ -373,7 +397,7 @@ def test_qwen_zero_cond_t_rows_get_no_second_term():
 def test_registry_and_errors():
     transformer, _ = tiny("sd3")
     with pytest.raises(ValueError, match="unknown adapter family"):
-        build_adapter("sana", transformer)
+        build_adapter("pixart", transformer)
     with pytest.raises(TypeError, match="SD3Transformer2DModel"):
         build_adapter("qwen_image", transformer)
     with pytest.raises(ValueError, match="no TwinFlow adapter"):

@@ -385,7 +385,7 @@ def command_encode(arguments: argparse.Namespace) -> None:
         arguments.model, device=arguments.device, dtype=arguments.dtype, max_sequence_length=arguments.max_sequence_length
     )
     conditions = encoder.encode(prompts, batch_size=arguments.batch_size)
-    null = encoder.encode([encoder.family.null_prompt])  # the unconditional input, should the file be used with guidance
+    null = encoder.encode_null()  # the unconditional input, should the file be used with guidance
     path = save_embeddings(arguments.out, conditions, prompts, null_condition=null, family=encoder.family.name)
     print(f"encoded {len(prompts)} prompt(s) for {encoder.family.name}: {path}")
 

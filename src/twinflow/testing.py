@@ -11,7 +11,8 @@ downloaded). ``extra_weights=True`` also stores the adapter's second time embedd
 from a copy of the first.
 
 Sizes: every VAE here halves the image side and every transformer groups 2 x 2 latent pixels
-into a token, so image sides must be multiples of 4 (``TINY_SIZE_MULTIPLE``). The tiny Flux
+into a token (Sana: one latent pixel per token, as the released model), so image sides must be
+multiples of 4 (``TINY_SIZE_MULTIPLE``). The tiny Flux
 folder has no text encoders (CLIP + T5); use it with precomputed embeddings.
 
 :func:`build_full_width_folder` is the other kind: the released transformer's widths and module
@@ -182,15 +183,49 @@ def _flux(text_encoder: bool) -> dict[str, Any]:
     }
 
 
-BUILDERS = {"z_image": _z_image, "qwen_image": _qwen_image, "sd3": _sd3, "flux": _flux}
-PIPELINES = {"z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+def _sana(text_encoder: bool) -> dict[str, Any]:
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+
+    parts = {
+        "transformer": SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=8, patch_size=1,
+        ),
+        "vae": AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock", "ResBlock"),
+            decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+            encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), decoder_norm_types="rms_norm",
+            scaling_factor=0.4,
+        ),
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": None,
+        "tokenizer": None,
+    }
+    if text_encoder:
+        from transformers import Gemma2Config, Gemma2Model
+
+        parts["text_encoder"] = Gemma2Model(Gemma2Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=0,
+        ))
+        parts["tokenizer"] = tiny_tokenizer(1024)
+    return parts
+
+
+BUILDERS = {"z_image": _z_image, "qwen_image": _qwen_image, "sd3": _sd3, "flux": _flux, "sana": _sana}
+PIPELINES = {
+    "z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline", "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline", "sana": "SanaPipeline",
+}
 
 
 def build_tiny_folder(
     folder: str | Path, family: str, *, text_encoder: bool = True, extra_weights: bool = False, seed: int = 0
 ) -> Path:
     """Write a tiny random pipeline folder of ``family`` (``z_image``, ``qwen_image``, ``sd3``,
-    ``flux``) to ``folder``; returns it. ``text_encoder=False`` leaves the text encoder(s) out
+    ``flux``, ``sana``) to ``folder``; returns it. ``text_encoder=False`` leaves the text encoder(s) out
     (``model_index.json`` lists them as null). See the module notes."""
     import diffusers
 

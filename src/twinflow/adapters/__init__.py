@@ -1,6 +1,6 @@
 """diffusers transformers as TwinFlow backbones ``F(x_t, t, r, condition)`` (spec sections 4-5).
 
-One adapter per family (``qwen_image``, ``z_image``, ``sd3``, ``flux``), each a drop-in
+One adapter per family (``qwen_image``, ``z_image``, ``sd3``, ``flux``, ``sana``), each a drop-in
 ``torch.nn.Module`` for :class:`~twinflow.objective.TwinFlowObjective` and
 :func:`~twinflow.sampler.sample`. The target time ``r`` enters through a second time embedding
 wrapped around the model's own (``base``); the extra weights are saved and loaded under the
@@ -28,6 +28,7 @@ from twinflow.adapters.registry import (
     load_adapter,
     transformer_family,
 )
+from twinflow.adapters.sana import SANA_TIME, SanaAdapter
 from twinflow.adapters.sd3 import SD3_TIME, SD3Adapter
 from twinflow.adapters.weights import (
     extra_state_dict,
@@ -45,12 +46,14 @@ __all__ = [
     "METADATA_FILE",
     "FLUX_TIME",
     "QWEN_IMAGE_TIME",
+    "SANA_TIME",
     "SD3_TIME",
     "ZERO_TIMES",
     "ZERO_TIME_KEY",
     "Z_IMAGE_TIME",
     "FluxAdapter",
     "QwenImageAdapter",
+    "SanaAdapter",
     "SD3Adapter",
     "TargetTimeEmbedding",
     "TimeConvention",

@@ -140,7 +140,7 @@ class TargetTimeEmbedding:
         finally:
             self.times = previous
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, embedding: Tensor) -> Tensor:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, embedding: Tensor | tuple) -> Tensor | tuple:
         if self.times is None:
             return embedding
         if not args:
@@ -149,15 +149,24 @@ class TargetTimeEmbedding:
         time, target_time = self.times
         second_input = self.convention.second_embedding_input(time, target_time)
         second = self.second(second_input.to(timestep.device, timestep.dtype), *rest, **kwargs)
-        weight = self.convention.second_embedding_weight(time, target_time).to(second.device, torch.float32)
-        term = second.float() * weight.view(-1, *[1] * (second.ndim - 1))
-        extra_rows = embedding.shape[0] - term.shape[0]
-        if extra_rows > 0:
-            # Rows the transformer appended itself (Qwen-Image's zero_cond_t adds a t = 0 copy
-            # for reference images): r = t there, so they get no second term.
-            term = torch.cat([term, term.new_zeros(extra_rows, *term.shape[1:])])
-        # Summed in float32 (spec section 5 asks for it with Z-Image); exact when r = t.
-        return (embedding.float() + term).to(embedding.dtype)
+        weight = self.convention.second_embedding_weight(time, target_time)
+        if isinstance(embedding, tuple):
+            # Sana's AdaLayerNormSingle returns (modulation, embedded timestep); the reference adds
+            # the weighted second output to each (its transformer_sana.py).
+            return tuple(_add_weighted(first, other, weight) for first, other in zip(embedding, second, strict=True))
+        return _add_weighted(embedding, second, weight)
+
+
+def _add_weighted(embedding: Tensor, second: Tensor, weight: Tensor) -> Tensor:
+    """``embedding + second * weight`` (weight per row), summed in float32 (spec section 5 asks
+    for it with Z-Image); exact when ``r = t``."""
+    term = second.float() * weight.to(second.device, torch.float32).view(-1, *[1] * (second.ndim - 1))
+    extra_rows = embedding.shape[0] - term.shape[0]
+    if extra_rows > 0:
+        # Rows the transformer appended itself (Qwen-Image's zero_cond_t adds a t = 0 copy
+        # for reference images): r = t there, so they get no second term.
+        term = torch.cat([term, term.new_zeros(extra_rows, *term.shape[1:])])
+    return (embedding.float() + term).to(embedding.dtype)
 
 
 def install_target_time_embedding(

@@ -12,6 +12,7 @@ from twinflow.adapters.base import TransformerAdapter
 from twinflow.adapters.exported import read_export_metadata, recorded_zero_time
 from twinflow.adapters.flux import FluxAdapter
 from twinflow.adapters.qwen_image import QwenImageAdapter
+from twinflow.adapters.sana import SanaAdapter
 from twinflow.adapters.sd3 import SD3Adapter
 from twinflow.adapters.weights import find_extra_weights
 from twinflow.adapters.z_image import ZImageAdapter
@@ -19,7 +20,7 @@ from twinflow.adapters.z_image import ZImageAdapter
 __all__ = ["ADAPTERS", "adapter_for", "build_adapter", "family_of", "load_adapter", "transformer_family"]
 
 ADAPTERS: dict[str, type[TransformerAdapter]] = {
-    adapter.family: adapter for adapter in (QwenImageAdapter, ZImageAdapter, SD3Adapter, FluxAdapter)
+    adapter.family: adapter for adapter in (QwenImageAdapter, ZImageAdapter, SD3Adapter, FluxAdapter, SanaAdapter)
 }
 
 
@@ -38,7 +39,7 @@ def family_of(transformer: nn.Module) -> str:
 
 
 def build_adapter(family: str, transformer: nn.Module, **options: Any) -> TransformerAdapter:
-    """The adapter of a named family (``qwen_image``, ``z_image``, ``sd3``, ``flux``) around
+    """The adapter of a named family (``qwen_image``, ``z_image``, ``sd3``, ``flux``, ``sana``) around
     ``transformer``; ``options`` go to its constructor (``extra_weights``, ...)."""
     if family not in ADAPTERS:
         raise ValueError(f"unknown adapter family {family!r}; choose one of {sorted(ADAPTERS)}")

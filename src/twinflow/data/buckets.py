@@ -14,6 +14,10 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from twinflow.checks import is_integer
 
 DEFAULT_BUCKET_RATIOS: tuple[float, ...] = (9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9)
 """Aspect ratios (width / height) of the default buckets: portrait 9:16 to landscape 16:9."""
@@ -48,3 +52,23 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
     log_ratio = math.log(width / height)
     distances = [abs(log_ratio - math.log(bucket_width / bucket_height)) for bucket_height, bucket_width in buckets]
     return int(np.argmin(distances))
+
+
+def item_positions(index: int | Tensor | Sequence[int], length: int, owner: str, items: str = "items") -> int | list[int]:
+    """What ``dataset[index]`` reads: one item's position (an ``int``; negative counts from the
+    end) or a batch's positions (a ``list``), each checked against the ``length`` items."""
+    if isinstance(index, Tensor) and index.ndim == 0:
+        index = int(index)
+    if is_integer(index):
+        position = int(index)
+        if not -length <= position < length:
+            raise IndexError(f"index {position} is out of range for {length} {items}")
+        return position % length
+    positions = torch.as_tensor(index, dtype=torch.int64).flatten().tolist()
+    if not positions:
+        raise ValueError(f"{owner} needs at least one index")
+    for position in positions:
+        if not 0 <= position < length:
+            raise IndexError(f"index {position} is out of range for {length} {items}")
+    return positions
+

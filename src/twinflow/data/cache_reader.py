@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from twinflow.data.buckets import item_positions
 from twinflow.data.cache_format import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -26,7 +27,6 @@ from twinflow.data.cache_format import (
     concatenate_rows,
     partial_folder,
 )
-from twinflow.checks import is_integer
 
 
 class CachedLatents:
@@ -107,20 +107,10 @@ class CachedLatents:
         return self.buckets[0]
 
     def __getitem__(self, index: int | Tensor | Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
-        if isinstance(index, Tensor) and index.ndim == 0:
-            index = int(index)
-        if is_integer(index):
-            position = int(index)
-            if not -len(self) <= position < len(self):
-                raise IndexError(f"index {position} is out of range for {len(self)} cached items")
-            latents, condition = self._rows([position % len(self)])
+        positions = item_positions(index, len(self), "CachedLatents", "cached items")
+        if isinstance(positions, int):
+            latents, condition = self._rows([positions])
             return latents[0], {key: value[0] for key, value in condition.items()}
-        positions = torch.as_tensor(index, dtype=torch.int64).flatten().tolist()
-        if not positions:
-            raise ValueError("CachedLatents needs at least one index")
-        for position in positions:
-            if not 0 <= position < len(self):
-                raise IndexError(f"index {position} is out of range for {len(self)} cached items")
         buckets = {int(self.bucket_ids[position]) for position in positions}
         if len(buckets) > 1:
             raise ValueError(

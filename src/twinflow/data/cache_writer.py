@@ -128,7 +128,9 @@ def cache_null_condition(
     The training loop uses it as the null condition of the guidance-enhanced target; a cache
     without it falls back to zeros (see :attr:`~twinflow.data.CachedLatents.null_condition`).
     """
-    condition = encode_prompts([prompt])
+    # An encoder may encode the null prompt its own way (PromptEncoder.encode_null: Sana's has no instruction).
+    encode_null = getattr(encode_prompts, "encode_null", None)
+    condition = encode_null(prompt) if callable(encode_null) else encode_prompts([prompt])
     if not isinstance(condition, Mapping) or not all(isinstance(v, Tensor) for v in condition.values()):
         raise ValueError("encode_prompts must return a mapping of tensors")
     tensors = {key: value.detach().cpu().contiguous()[:1] for key, value in condition.items()}

@@ -44,7 +44,9 @@ import torch
 from torch import Tensor
 
 from twinflow.checks import is_finite_number, is_integer
-from twinflow.data.buckets import DEFAULT_BUCKET_MULTIPLE, DEFAULT_BUCKET_RATIOS, aspect_ratio_buckets, nearest_bucket
+from twinflow.data.buckets import (
+    DEFAULT_BUCKET_MULTIPLE, DEFAULT_BUCKET_RATIOS, aspect_ratio_buckets, item_positions, nearest_bucket,
+)
 from twinflow.data.captioned_scan import (
     ScannedItem,
     SkipReport,
@@ -207,16 +209,9 @@ class CaptionedImages:
         return self.buckets[int(self.bucket_ids[index])]
 
     def __getitem__(self, index: int | Tensor | Sequence[int]) -> tuple[Tensor, Any]:
-        if isinstance(index, Tensor) and index.ndim == 0:
-            index = int(index)
-        if is_integer(index):
-            position = int(index)
-            if not -len(self) <= position < len(self):
-                raise IndexError(f"index {position} is out of range for {len(self)} items")
-            return self._load(position % len(self))
-        positions = [int(position) for position in (index.tolist() if isinstance(index, Tensor) else index)]
-        if not positions:
-            raise ValueError("CaptionedImages needs at least one index")
+        positions = item_positions(index, len(self), "CaptionedImages")
+        if isinstance(positions, int):
+            return self._load(positions)
         buckets = {int(self.bucket_ids[position]) for position in positions}
         if len(buckets) > 1:
             sizes = sorted(self.buckets[bucket] for bucket in buckets)

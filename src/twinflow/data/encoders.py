@@ -30,7 +30,9 @@ class VaeEncoder:
     * VAEs with ``latents_mean`` / ``latents_std`` in the config (``AutoencoderKLQwenImage``):
       ``(z - latents_mean) / latents_std`` per channel (times ``scaling_factor`` if the config
       also has one, as SDXL's pipelines do). Qwen-Image's VAE works on video (B, C, T, H, W):
-      images are given ``T = 1`` and the frame axis is dropped again.
+      images are given ``T = 1`` and the frame axis is dropped again;
+    * ``AutoencoderDC`` (Sana): ``z * scaling_factor``; its encoder is deterministic (no
+      posterior), so ``z`` is its output whether or not a ``generator`` is given.
 
     ``z`` is the *mean* of the VAE's posterior by default. That keeps a cache reproducible:
     a resumed pass gives exactly what an uninterrupted one does, and two caches of the same data
@@ -50,12 +52,18 @@ class VaeEncoder:
         self.normalisation = LatentNormalisation(config)  # the rule generation undoes (twinflow.families)
 
     @property
+    def _latent_kind(self) -> str:
+        if type(self.vae).__name__ == "AutoencoderDC":
+            return "deterministic encoder output"
+        return "posterior sample" if self.generator is not None else "posterior mean"
+
+    @property
     def description(self) -> dict[str, Any]:
         """A JSON-ready account of the VAE and the normalisation, for the cache index."""
         normalisation = self.normalisation
         return {
             "vae": type(self.vae).__name__,
-            "latent": "posterior sample" if self.generator is not None else "posterior mean",
+            "latent": self._latent_kind,
             "normalisation": normalisation.formula,
             "scaling_factor": normalisation.scaling_factor,
             "shift_factor": normalisation.shift_factor,
@@ -73,11 +81,11 @@ class VaeEncoder:
         if self.video:
             pixels = pixels.unsqueeze(2)
         output = self.vae.encode(pixels)
-        distribution = output.latent_dist if hasattr(output, "latent_dist") else output[0]
-        if self.generator is not None:
-            latents = distribution.sample(generator=self.generator)
+        if hasattr(output, "latent"):  # AutoencoderDC: a deterministic encoder
+            latents = output.latent
         else:
-            latents = distribution.mode()
+            distribution = output.latent_dist if hasattr(output, "latent_dist") else output[0]
+            latents = distribution.sample(generator=self.generator) if self.generator is not None else distribution.mode()
         if self.video:
             latents = latents.squeeze(2)
         return self.normalize(latents.float()).to(self.dtype)
@@ -151,11 +159,21 @@ class PromptEncoder:
         condition = self._family.encode(
             self.pipeline, list(captions), _pipeline_device(self.pipeline), self.max_sequence_length
         )
-        if self.dtype is not None:
-            condition = {
-                key: value.to(self.dtype) if value.is_floating_point() else value for key, value in condition.items()
-            }
-        return condition
+        return self._cast(condition)
+
+    @torch.no_grad()
+    def encode_null(self, prompt: str) -> dict[str, Tensor]:
+        """``prompt`` as the null condition: the family's null prompt as the family encodes it
+        (:meth:`twinflow.families.Family.encode_null`, what generation uses), another prompt as a caption."""
+        if prompt != self._family.null_prompt:
+            return self([prompt])
+        condition = self._family.encode_null(self.pipeline, _pipeline_device(self.pipeline), self.max_sequence_length)
+        return self._cast(condition)
+
+    def _cast(self, condition: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.dtype is None:
+            return condition
+        return {key: value.to(self.dtype) if value.is_floating_point() else value for key, value in condition.items()}
 
 
 def prompt_encoder(

@@ -9,10 +9,11 @@ from typing import Any
 from twinflow.families.base import Family
 from twinflow.families.flux import FLUX_EMBEDDED_GUIDANCE, FluxFamily
 from twinflow.families.qwen_image import QwenImageFamily
+from twinflow.families.sana import SanaFamily
 from twinflow.families.sd3 import SD3Family
 from twinflow.families.z_image import ZImageFamily
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (QwenImageFamily(), ZImageFamily(), SD3Family(), FluxFamily())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (QwenImageFamily(), ZImageFamily(), SD3Family(), FluxFamily(), SanaFamily())}
 """Families by adapter name."""
 
 PIPELINE_FAMILIES: dict[str, Family] = {family.pipeline_class: family for family in FAMILIES.values()}
@@ -26,6 +27,6 @@ def pipeline_family(pipeline: Any) -> Family | None:
 
 
 __all__ = [
-    "FAMILIES", "FLUX_EMBEDDED_GUIDANCE", "PIPELINE_FAMILIES", "Family", "FluxFamily", "QwenImageFamily", "SD3Family",
+    "FAMILIES", "FLUX_EMBEDDED_GUIDANCE", "PIPELINE_FAMILIES", "Family", "FluxFamily", "QwenImageFamily", "SD3Family", "SanaFamily",
     "ZImageFamily", "pipeline_family",
 ]

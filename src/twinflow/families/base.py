@@ -43,6 +43,11 @@ class Family:
         is ``max_sequence_length``, else the family's :attr:`max_sequence_length`, else the pipeline's."""
         raise NotImplementedError
 
+    def encode_null(self, pipeline: Any, device: torch.device, max_sequence_length: int | None = None) -> dict[str, Tensor]:
+        """The condition of :attr:`null_prompt` (batch 1), as the pipeline encodes its negative
+        prompt; the same prompt through :meth:`encode` unless a family encodes it otherwise (Sana)."""
+        return self.encode(pipeline, [self.null_prompt], device, max_sequence_length)
+
     def token_limit(self, max_sequence_length: int | None) -> dict[str, int]:
         """``encode_prompt``'s ``max_sequence_length`` argument, when one is set."""
         length = max_sequence_length if max_sequence_length is not None else self.max_sequence_length

@@ -96,6 +96,11 @@ class PromptEncoder:
         ]
         return concatenate_conditions(chunks) if len(chunks) > 1 else chunks[0]
 
+    @torch.no_grad()
+    def encode_null(self) -> dict[str, Tensor]:
+        """The condition of the family's null prompt (batch 1): the unconditional input."""
+        return self.family.encode_null(self.pipeline, self.device, self.max_sequence_length)
+
 
 def _no_encoder_message(folder: Path, family: Family) -> str:
     parts = ", ".join(f"{part}/" for part in family.required_text_components)
@@ -336,6 +341,6 @@ class TextToImage:
                 "guidance needs the empty prompt's embedding: load the text encoder, or use embeddings "
                 "saved with a null condition (twinflow encode stores one)"
             )
-        return self.encoder.encode([self.family.null_prompt])
+        return self.encoder.encode_null()
 
 
