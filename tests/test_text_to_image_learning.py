@@ -66,8 +66,14 @@ def one_step_scores(network: torch.nn.Module) -> tuple[float, float]:
     return float(distance_own.mean()), float((distance_own < distance_other).float().mean())
 
 
-def test_a_short_twinflow_run_learns_one_step_text_to_image(tmp_path):
-    transformer = save_tiny_transformer(tmp_path / "transformer")
+# Sana's tiny transformer (linear self-attention, captions through cross-attention only) picks up
+# the caption later than Z-Image's single stream: at 100 steps its samples are the mean of the two, at 300 most are right.
+STEPS = {"z_image": 100, "sana": 400}
+
+
+@pytest.mark.parametrize("family", sorted(STEPS))
+def test_a_short_twinflow_run_learns_one_step_text_to_image(tmp_path, family):
+    transformer = save_tiny_transformer(tmp_path / "transformer", family)
     cache = tmp_path / "cache"
     cache_dataset(TwoImages(), identity, encode_prompts, cache, shard_size=16, batch_size=8, progress=False, null_prompt="")
     with warnings.catch_warnings():
@@ -76,7 +82,7 @@ def test_a_short_twinflow_run_learns_one_step_text_to_image(tmp_path):
     distance_before, right_before = one_step_scores(network)
 
     config = load_config(TINY, [
-        f"model.path={transformer}", f"data.root={cache}", "phases.0.steps=100", "training.learning_rate=3e-3",
+        f"model.path={transformer}", f"data.root={cache}", f"phases.0.steps={STEPS[family]}", "training.learning_rate=3e-3",
         "training.batch_size=8", "training.checkpoint_every=0", "training.log_every=50",
         "training.gradient_checkpointing=false",
     ])

@@ -61,15 +61,22 @@ def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
     return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
 
-def save_tiny_transformer(folder: Path) -> Path:
-    """A random 2-layer Z-Image transformer saved into ``folder``; returns ``folder``."""
+def save_tiny_transformer(folder: Path, family: str = "z_image") -> Path:
+    """A random 2-layer Z-Image (or Sana) transformer saved into ``folder``; returns ``folder``."""
     import diffusers
 
     torch.manual_seed(0)
-    transformer = diffusers.ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=CHANNELS, dim=32, n_layers=2,
-        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=WIDTH, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32],
-    )
+    if family == "sana":
+        transformer = diffusers.SanaTransformer2DModel(
+            in_channels=CHANNELS, out_channels=CHANNELS, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=WIDTH,
+            sample_size=SIZE, patch_size=1,
+        )
+    else:
+        transformer = diffusers.ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=CHANNELS, dim=32, n_layers=2,
+            n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=WIDTH, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32],
+        )
     transformer.save_pretrained(folder)
     return folder
 
