@@ -279,3 +279,39 @@ def test_cache_train_resume_export_generate_full_and_lora(folders, tmp_path):
          "--preset", "1nfe", "--seed", 7, "--device", "cpu", "--out", out)
     with_lora = np.asarray(Image.open(out / "0_7.png"), dtype=np.int16)
     assert not np.array_equal(with_lora, outputs["base"])
+
+
+# -- the shipped recipes at Sana 1.6B's real widths (meta device, nothing allocated) ----------
+
+
+@pytest.mark.parametrize("recipe, sample_size, world_size", [
+    ("sana_1600m_512_twinflow.yaml", 16, 8),  # full-parameter, DDP over 8 GPUs
+    ("sana_1600m_1024_twinflow.yaml", 32, 1),  # LoRA on one GPU
+])
+def test_the_recipes_plan_sana_1600m(recipe, sample_size, world_size, tmp_path):
+    """diffusers' SanaTransformer2DModel defaults are Sana 1.6B's (20 blocks of 70 x 32 heads,
+    cross-attention 20 x 112, Gemma-2 2304, 32 latent channels); the dry run builds it on the
+    meta device from config.json and plans the recipe's 20 blocks and LoRA targets."""
+    from dry_runs import dry_run
+
+    from twinflow.train.config import load_config
+
+    with torch.device("meta"):
+        transformer = diffusers.SanaTransformer2DModel(sample_size=sample_size)
+    transformer.save_config(tmp_path / "model" / "transformer")
+    code, stdout, stderr, plan = dry_run(ROOT / "configs" / recipe, tmp_path / "dry", "--world-size", str(world_size),
+                                         "--set", f"model.path={tmp_path / 'model'}")
+    assert code == 0, stderr
+    # FSDP units: what diffusers marks unsplittable (_no_split_modules): the blocks and the patch embedding
+    assert "20 x SanaTransformerBlock" in stdout and plan.fsdp_units == {"SanaTransformerBlock": 20, "PatchEmbed": 1}
+    parameters = sum(p.numel() for p in transformer.parameters())
+    assert 1.5e9 < parameters < 1.7e9 and plan.transformer_parameters == parameters
+    config = load_config(ROOT / "configs" / recipe)
+    objective = config["phases"][0]["objective"]
+    assert (objective["loss"], objective["guidance_ratio"], objective["rectify_coefficient"]) == ("barron", 0.8, 0.75)
+    assert config["training"]["betas"] == [0.9, 0.95]  # the reference's OpenUni runs
+    if config["training"]["lora"] is None:
+        assert plan.lora_rank is None and plan.teacher == "EMA copy"
+    else:  # attn1 (linear self-attention) and attn2 (cross-attention) of each of the 20 blocks
+        assert plan.lora_targets == {"to_q": 40, "to_k": 40, "to_v": 40, "to_out.0": 40}
+        assert plan.lora_rank == 64 and plan.teacher == "ema adapter"

@@ -33,6 +33,12 @@ class Family:
     null_prompt: ClassVar[str] = ""
     # Token limit of the prompt encoding; None keeps the pipeline's default.
     max_sequence_length: ClassVar[int | None] = None
+    # What the dry run assumes without a latent cache: the latent side at the family's native
+    # image size (described), and the prompt tokens the transformer sees at most (the pipeline's
+    # limit: shorter prompts are padded only to the longest of a batch).
+    native_latent_side: ClassVar[int] = 128
+    native_size: ClassVar[str] = "1024x1024 px"
+    longest_prompt: ClassVar[int] = 512
 
     # -- prompts ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ class QwenImageFamily(Family):
     pipeline_class = "QwenImagePipeline"
     text_components = ("text_encoder", "tokenizer")
     required_text_components = ("text_encoder", "tokenizer")
+    native_latent_side, native_size = 166, "1328x1328 px, Qwen-Image's native size"
     null_prompt = "Generate an image."  # the reference's unconditional prompt (its modeling_qwen_image.py)
 
     def encode(self, pipeline, prompts, device, max_sequence_length=None):

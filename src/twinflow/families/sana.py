@@ -26,6 +26,8 @@ class SanaFamily(Family):
     text_components = ("text_encoder", "tokenizer")
     required_text_components = ("text_encoder", "tokenizer")
     null_prompt = ""  # SanaPipeline's negative prompt
+    native_latent_side = 32  # 1024 px through DC-AE's 32x down-sampling
+    longest_prompt = 300  # encode_prompt pads to max_sequence_length
 
     def encode(self, pipeline, prompts, device, max_sequence_length=None):
         return self._encode(pipeline, prompts, device, max_sequence_length, default_instruction(pipeline))

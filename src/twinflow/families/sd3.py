@@ -11,6 +11,7 @@ class SD3Family(Family):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     # T5 is optional: without it the pipeline uses zeros for its part of the prompt embedding.
     required_text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    longest_prompt = 333  # 77 CLIP + 256 T5 tokens
     null_prompt = "Generate an image."  # the reference's unconditional prompt (its modeling_sd_3.py)
 
     def encode(self, pipeline, prompts, device, max_sequence_length=None):

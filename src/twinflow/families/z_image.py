@@ -10,6 +10,7 @@ class ZImageFamily(Family):
     pipeline_class = "ZImagePipeline"
     text_components = ("text_encoder", "tokenizer")
     required_text_components = ("text_encoder", "tokenizer")
+    longest_prompt = 1024
     max_sequence_length = 1024  # the reference encodes up to 1024 tokens (diffusers' default: 512)
 
     def encode(self, pipeline, prompts, device, max_sequence_length=None):

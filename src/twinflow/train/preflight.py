@@ -46,15 +46,6 @@ from twinflow.train.config import LATENT_CACHE, ConfigError, check_world_size, m
 
 GB = 1e9  # decimal gigabytes, as GPU memory is quoted (a 20B bf16 base: 40.9 GB)
 
-# Activation estimate defaults per family when no latent cache is at hand: (latent side, what it
-# is, text tokens). Latents are the VAE's (8x down-sampling); the text length is the pipeline's
-# prompt limit, an upper bound (shorter prompts are padded only to the longest of a batch).
-FAMILY_DEFAULTS: dict[str, tuple[int, str, int]] = {
-    "qwen_image": (166, "1328x1328 px, Qwen-Image's native size", 512),
-    "z_image": (128, "1024x1024 px", 1024),
-    "sd3": (128, "1024x1024 px", 333),  # 77 CLIP + 256 T5 tokens
-    "flux": (128, "1024x1024 px", 512),
-}
 ACTIVATION_BYTES_PER_BLOCK = 34  # per token and width unit in 16 bit (Korthikanti et al. 2022, see below)
 NO_GRAD_ELEMENTS_PER_BLOCK = 10  # per token and width unit: one block's working set without saving
 
@@ -399,7 +390,8 @@ def _activations(model, facts, config, shapes, text_tokens, latent_size, notes) 
 
     family, transformer = FAMILIES[facts["family"]], model.transformer
     channels, patch = family.latent_channels(transformer), family.patch_size(transformer)
-    side, what, default_text = FAMILY_DEFAULTS[facts["family"]]
+    # Without a latent cache: the family's native size and its longest prompt (twinflow.families).
+    side, what, default_text = family.native_latent_side, family.native_size, family.longest_prompt
     for shape in shapes:  # the cache's latents must fit the transformer
         if shape[0] != channels or shape[1] % patch or shape[2] % patch:
             raise ConfigError(
