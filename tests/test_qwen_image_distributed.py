@@ -16,17 +16,15 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from spawn import WORLD, spawn, train_under_torchrun
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from tiny_text_to_image import TINY, write_tiny_cache  # noqa: E402
+from tiny_text_to_image import TINY, write_captioned_images, write_tiny_cache  # noqa: E402
 
 from twinflow.adapters import build_adapter  # noqa: E402
 from twinflow.cli import main  # noqa: E402
@@ -116,12 +114,7 @@ def recipe_inputs(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny Qwen-Image pipeline folder and the latent cache `twinflow cache` writes from it."""
     root = tmp_path_factory.mktemp("recipe")
     pipeline = build_tiny_folder(root / "qwen_image", "qwen_image")
-    images = root / "images"
-    images.mkdir()
-    generator = np.random.default_rng(0)
-    for index in range(4):
-        Image.fromarray(generator.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{index}.png")
-        (images / f"{index}.txt").write_text(f"a photo of a fox number {index}")
+    images = write_captioned_images(root / "images", 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["cache", "--model", str(pipeline), "--data", str(images), "--size", "16",

@@ -23,6 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from tiny_text_to_image import write_captioned_images  # noqa: E402
+
 from twinflow.adapters import SANA_TIME, build_adapter, load_adapter, read_export_metadata  # noqa: E402
 from twinflow.cli import main  # noqa: E402
 from twinflow.data.encoders import vae_encoder  # noqa: E402
@@ -233,14 +235,7 @@ def _train(base: Path, cache: Path, run: Path, *overrides: str) -> None:
 
 def test_cache_train_resume_export_generate_full_and_lora(folders, tmp_path):
     base = folders["base"]
-    images = tmp_path / "images"
-    images.mkdir()
-    generator = np.random.default_rng(0)
-    for index in range(6):
-        Image.fromarray(generator.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(images / f"{index}.png")
-        (images / f"{index}.txt").write_text(f"a photo of a fox number {index}")
-    (images / "broken.png").write_bytes(b"\x89PNG not an image")
-    (images / "broken.txt").write_text("broken")
+    images = write_captioned_images(tmp_path / "images", 6, (20, 18), broken=True)  # not square: centre-cropped
     cache = tmp_path / "cache"
     _run("cache", "--model", base, "--data", images, "--size", SIZE, "--out", cache, "--batch-size", 4, "--device", "cpu")
     null = load_file(str(cache / "null_condition.safetensors"))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from twinflow.data import cache_dataset
 
@@ -84,4 +86,18 @@ def save_tiny_transformer(folder: Path, family: str = "z_image") -> Path:
 def write_tiny_cache(folder: Path) -> Path:
     """The latent cache of :class:`RandomLatents` with :func:`encode_prompts`; returns ``folder``."""
     cache_dataset(RandomLatents(), identity, encode_prompts, folder, shard_size=5, batch_size=4, progress=False, null_prompt="")
+    return folder
+
+
+def write_captioned_images(folder: Path, count: int, shape: tuple[int, int] = (16, 16), broken: bool = False) -> Path:
+    """``count`` random RGB images of ``shape`` (height, width) with same-name ``.txt`` captions, as
+    ``twinflow cache --data`` reads them; ``broken`` adds a corrupt image with its caption."""
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(generator.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+        (folder / f"{index}.txt").write_text(f"a photo of a fox number {index}")
+    if broken:
+        (folder / "broken.png").write_bytes(b"\x89PNG not an image")
+        (folder / "broken.txt").write_text("broken")
     return folder
