@@ -80,6 +80,14 @@ def _vae(latent_channels: int) -> Any:
     )
 
 
+def _with_text_encoder(parts: dict[str, Any], text_encoder: bool, build: Any, model_max_length: int) -> dict[str, Any]:
+    """``parts`` with ``text_encoder`` (``build()``, built last, so the seeded weights before it do not
+    change) and a tiny tokenizer of ``model_max_length`` tokens, or both None."""
+    parts["text_encoder"] = build() if text_encoder else None
+    parts["tokenizer"] = tiny_tokenizer(model_max_length) if text_encoder else None
+    return parts
+
+
 def _z_image(text_encoder: bool) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 
@@ -90,18 +98,17 @@ def _z_image(text_encoder: bool) -> dict[str, Any]:
         ),
         "vae": _vae(4),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "text_encoder": None,
-        "tokenizer": None,
     }
-    if text_encoder:
+
+    def build():
         from transformers import Qwen3Config, Qwen3Model
 
-        parts["text_encoder"] = Qwen3Model(Qwen3Config(
+        return Qwen3Model(Qwen3Config(
             vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
         ))
-        parts["tokenizer"] = tiny_tokenizer(512)
-    return parts
+
+    return _with_text_encoder(parts, text_encoder, build, 512)
 
 
 def _qwen_image(text_encoder: bool) -> dict[str, Any]:
@@ -117,10 +124,9 @@ def _qwen_image(text_encoder: bool) -> dict[str, Any]:
             latents_mean=[0.1, -0.1, 0.2, 0.0], latents_std=[1.5, 2.0, 1.0, 0.5],
         ),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "text_encoder": None,
-        "tokenizer": None,
     }
-    if text_encoder:
+
+    def build():
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         config = Qwen2_5_VLConfig(
@@ -133,9 +139,9 @@ def _qwen_image(text_encoder: bool) -> dict[str, Any]:
             vocab_size=VOCAB, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
             vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4,
         )
-        parts["text_encoder"] = Qwen2_5_VLForConditionalGeneration(config)
-        parts["tokenizer"] = tiny_tokenizer(2048)
-    return parts
+        return Qwen2_5_VLForConditionalGeneration(config)
+
+    return _with_text_encoder(parts, text_encoder, build, 2048)
 
 
 def _sd3(text_encoder: bool) -> dict[str, Any]:
@@ -200,18 +206,17 @@ def _sana(text_encoder: bool) -> dict[str, Any]:
             scaling_factor=0.4,
         ),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "text_encoder": None,
-        "tokenizer": None,
     }
-    if text_encoder:
+
+    def build():
         from transformers import Gemma2Config, Gemma2Model
 
-        parts["text_encoder"] = Gemma2Model(Gemma2Config(
+        return Gemma2Model(Gemma2Config(
             vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, pad_token_id=0,
         ))
-        parts["tokenizer"] = tiny_tokenizer(1024)
-    return parts
+
+    return _with_text_encoder(parts, text_encoder, build, 1024)
 
 
 BUILDERS = {"z_image": _z_image, "qwen_image": _qwen_image, "sd3": _sd3, "flux": _flux, "sana": _sana}
