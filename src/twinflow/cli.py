@@ -88,15 +88,20 @@ def _add_eval_command(commands) -> None:
 
 
 def _add_generate_command(commands) -> None:
-    generate = commands.add_parser("generate", help="text-to-image with a TwinFlow diffusers model folder (PNG files)")
-    generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Z-Image, SD3, Flux), or a hub id (owner/name) fetched once when online")
+    generate = commands.add_parser("generate", help="text-to-image (or image editing) with a TwinFlow diffusers model folder (PNG files)")
+    generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Qwen-Image-Edit, Z-Image, SD3, Flux, Sana), or a hub id (owner/name) fetched once when online")
     _add_prompt_arguments(generate)
     generate.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA export (twinflow export of a LoRA run) to apply to --model")
     generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
     generate.add_argument("--preset", default="2nfe", help="sampler preset or spec: 1nfe, 2nfe, 4nfe, any, multi, multi:steps=50")
     generate.add_argument("--sampler", dest="sampler_overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a sampler field, e.g. --sampler stochastic_ratio=0.5 (repeatable)")
-    generate.add_argument("--size", type=_image_size, default=(1024, 1024), metavar="WIDTHxHEIGHT", help="image size, e.g. 1024x768")
+    generate.add_argument("--size", type=_image_size, metavar="WIDTHxHEIGHT",
+                          help="image size, e.g. 1024x768 (default 1024x1024; an edit: the pipeline's size for its source images)")
+    generate.add_argument("--image", dest="images", type=Path, action="append", default=[], metavar="FILE",
+                          help="an edit pipeline's source image (repeatable for Edit-Plus: Picture 1, 2, ...); every prompt edits them")
+    generate.add_argument("--source-area", type=_positive, metavar="PIXELS",
+                          help="an edit's source pixel count, each source keeping its aspect ratio (default 1048576 = 1024x1024, the pipelines')")
     generate.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     generate.add_argument("--batch-size", type=_positive, default=1, help="images per transformer batch")
     generate.add_argument("--out", type=Path, required=True, help="folder for the PNG files (<index>_<seed>.png)")
@@ -323,19 +328,24 @@ def command_generate(arguments: argparse.Namespace) -> None:
     if arguments.embeddings is not None and not arguments.embeddings.is_file():
         raise FileNotFoundError(f"--embeddings {arguments.embeddings} does not exist")
     resolve_dtype(arguments.dtype, resolve_device(arguments.device))
-    check_image_size(arguments.model, *arguments.size)
+    for image in arguments.images:
+        if not image.is_file():
+            raise FileNotFoundError(f"--image {image} does not exist")
+    if arguments.size is not None:
+        check_image_size(arguments.model, *arguments.size)
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
         load_text_encoder=arguments.embeddings is None, lora=arguments.lora,
         max_sequence_length=arguments.max_sequence_length,
     )
-    width, height = arguments.size
+    width, height = arguments.size or (None, None)
     result = pipe.generate(
-        prompts or None, embeddings=arguments.embeddings, preset=arguments.preset, width=width, height=height,
-        seed=arguments.seed, batch_size=arguments.batch_size, guidance_scale=arguments.guidance_scale, progress=True,
-        **overrides,
+        prompts or None, embeddings=arguments.embeddings, images=[str(image) for image in arguments.images] or None,
+        preset=arguments.preset, width=width, height=height, seed=arguments.seed, batch_size=arguments.batch_size,
+        guidance_scale=arguments.guidance_scale, progress=True, source_area=arguments.source_area, **overrides,
     )
     paths = save_images(result, arguments.out)
+    width, height = result.settings["width"], result.settings["height"]
     print(f"wrote {len(paths)} image(s) of {width}x{height} to {arguments.out} "
           f"({result.seconds_per_image:.2f} s per image, {result.network_calls} network call(s) each)")
 

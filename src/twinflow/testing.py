@@ -36,6 +36,8 @@ __all__ = [
 TINY_SIZE_MULTIPLE = 4  # VAE factor 2 x patch size 2
 VOCAB = 280  # 256 bytes, specials, a few merges
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+"""Qwen2.5-VL's vision tokens, in the order of its config's vision_start/end, image and video ids."""
 CORPUS = [
     "a photo of a red fox in the snow", "a watercolor painting of a lighthouse at dusk",
     "an astronaut riding a horse", "a bowl of fruit on a wooden table", "the quick brown fox",
@@ -46,10 +48,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(model_max_length: int = 512, corpus: list[str] | None = None, vocab_size: int = VOCAB) -> Any:
+def tiny_tokenizer(
+    model_max_length: int = 512, corpus: list[str] | None = None, vocab_size: int = VOCAB, specials: tuple[str, ...] = ()
+) -> Any:
     """A byte-level BPE tokenizer trained in code on a few sentences (any text encodes); ``corpus``
     and ``vocab_size`` replace the default sentences and size (a text encoder's vocabulary must
-    hold ``vocab_size`` tokens)."""
+    hold ``vocab_size`` tokens); ``specials`` are more special tokens (after the default ones)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +61,7 @@ def tiny_tokenizer(model_max_length: int = 512, corpus: list[str] | None = None,
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=[*SPECIALS, *specials], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
@@ -111,13 +115,15 @@ def _z_image(text_encoder: bool) -> dict[str, Any]:
     return _with_text_encoder(parts, text_encoder, build, 512)
 
 
-def _qwen_image(text_encoder: bool) -> dict[str, Any]:
+def _qwen_image(text_encoder: bool, *, vision_tokens: bool = False, zero_cond_t: bool = False) -> dict[str, Any]:
+    """Qwen-Image's parts; ``vision_tokens`` gives the tokenizer Qwen2.5-VL's vision tokens (an edit
+    pipeline puts images into its prompts), ``zero_cond_t`` the Edit-2511 transformer."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     parts = {
         "transformer": QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
         ),
         "vae": AutoencoderKLQwenImage(
             base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
@@ -125,6 +131,9 @@ def _qwen_image(text_encoder: bool) -> dict[str, Any]:
         ),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
     }
+    tokenizer = tiny_tokenizer(2048, specials=VISION_TOKENS if vision_tokens else ()) if text_encoder else None
+    # Without vision tokens the image ids are unused; with them they must be the tokenizer's.
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS] if vision_tokens else [VOCAB - k for k in (3, 4, 1, 2)]
 
     def build():
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -136,12 +145,37 @@ def _qwen_image(text_encoder: bool) -> dict[str, Any]:
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
             },
             vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-            vocab_size=VOCAB, image_token_id=VOCAB - 1, video_token_id=VOCAB - 2,
-            vision_start_token_id=VOCAB - 3, vision_end_token_id=VOCAB - 4,
+            vocab_size=VOCAB, vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2],
+            video_token_id=ids[3],
         )
         return Qwen2_5_VLForConditionalGeneration(config)
 
-    return _with_text_encoder(parts, text_encoder, build, 2048)
+    parts["text_encoder"] = build() if text_encoder else None
+    parts["tokenizer"] = tokenizer
+    return parts
+
+
+def _qwen_image_edit(text_encoder: bool, zero_cond_t: bool = False) -> dict[str, Any]:
+    """An edit pipeline's parts: Qwen-Image's, with vision tokens, and ``processor`` (written by
+    :func:`_save_processor`, as the released folders hold it)."""
+    return {**_qwen_image(text_encoder, vision_tokens=True, zero_cond_t=zero_cond_t), "processor": None}
+
+
+def _save_processor(folder: Path, tokenizer: Any) -> None:
+    """``processor/`` as the released edit folders have it (the image processor's
+    ``preprocessor_config.json`` and the tokenizer files), listed in ``model_index.json`` as
+    transformers' ``Qwen2VLProcessor``. The image processor keeps transformers' defaults
+    (patch 14, merge 2: one token per 28 x 28 pixels; at least 56 x 56 pixels)."""
+    import json
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil().save_pretrained(folder / "processor")
+    tokenizer.save_pretrained(folder / "processor")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _sd3(text_encoder: bool) -> dict[str, Any]:
@@ -219,19 +253,28 @@ def _sana(text_encoder: bool) -> dict[str, Any]:
     return _with_text_encoder(parts, text_encoder, build, 1024)
 
 
-BUILDERS = {"z_image": _z_image, "qwen_image": _qwen_image, "sd3": _sd3, "flux": _flux, "sana": _sana}
+BUILDERS = {
+    "z_image": _z_image, "qwen_image": _qwen_image, "sd3": _sd3, "flux": _flux, "sana": _sana,
+    "qwen_image_edit": _qwen_image_edit, "qwen_image_edit_plus": _qwen_image_edit,
+    "qwen_image_edit_2511": lambda text_encoder: _qwen_image_edit(text_encoder, zero_cond_t=True),
+}
 PIPELINES = {
     "z_image": "ZImagePipeline", "qwen_image": "QwenImagePipeline", "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline", "sana": "SanaPipeline",
+    "flux": "FluxPipeline", "sana": "SanaPipeline", "qwen_image_edit": "QwenImageEditPipeline",
+    "qwen_image_edit_plus": "QwenImageEditPlusPipeline", "qwen_image_edit_2511": "QwenImageEditPlusPipeline",
 }
+ADAPTER_FAMILIES = {"qwen_image_edit": "qwen_image", "qwen_image_edit_plus": "qwen_image", "qwen_image_edit_2511": "qwen_image"}
+"""The adapter family of the folder kinds that are not families themselves (the edit pipelines)."""
 
 
 def build_tiny_folder(
     folder: str | Path, family: str, *, text_encoder: bool = True, extra_weights: bool = False, seed: int = 0
 ) -> Path:
     """Write a tiny random pipeline folder of ``family`` (``z_image``, ``qwen_image``, ``sd3``,
-    ``flux``, ``sana``) to ``folder``; returns it. ``text_encoder=False`` leaves the text encoder(s) out
-    (``model_index.json`` lists them as null). See the module notes."""
+    ``flux``, ``sana``; or an edit pipeline: ``qwen_image_edit``, ``qwen_image_edit_plus``,
+    ``qwen_image_edit_2511``, Edit-Plus with ``zero_cond_t``) to ``folder``; returns it.
+    ``text_encoder=False`` leaves the text encoder(s) out (``model_index.json`` lists them as
+    null). See the module notes."""
     import diffusers
 
     from twinflow.adapters import build_adapter
@@ -242,11 +285,18 @@ def build_tiny_folder(
     parts = BUILDERS[family](text_encoder)
     pipeline = getattr(diffusers, PIPELINES[family])(**parts)
     folder = Path(folder)
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # "processor=None cannot be saved": written below
+    try:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    if "processor" in parts and text_encoder:
+        _save_processor(folder, parts["tokenizer"])
     if extra_weights:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the copy-initialised emb_2, perturbed below
-            adapter = build_adapter(family, parts["transformer"])
+            adapter = build_adapter(ADAPTER_FAMILIES.get(family, family), parts["transformer"])
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for parameter in adapter.second_embedding.parameters():

@@ -9,6 +9,7 @@ from typing import Any
 from twinflow.families.base import Family
 from twinflow.families.flux import FLUX_EMBEDDED_GUIDANCE, FluxFamily
 from twinflow.families.qwen_image import QwenImageFamily
+from twinflow.families.qwen_image_edit import QwenImageEditFamily, QwenImageEditPlusFamily
 from twinflow.families.sana import SanaFamily
 from twinflow.families.sd3 import SD3Family
 from twinflow.families.z_image import ZImageFamily
@@ -16,8 +17,12 @@ from twinflow.families.z_image import ZImageFamily
 FAMILIES: dict[str, Family] = {family.name: family for family in (QwenImageFamily(), ZImageFamily(), SD3Family(), FluxFamily(), SanaFamily())}
 """Families by adapter name."""
 
-PIPELINE_FAMILIES: dict[str, Family] = {family.pipeline_class: family for family in FAMILIES.values()}
-"""Families by the diffusers pipeline class of a folder's ``model_index.json``."""
+PIPELINE_FAMILIES: dict[str, Family] = {
+    family.pipeline_class: family for family in (*FAMILIES.values(), QwenImageEditFamily(), QwenImageEditPlusFamily())
+}
+"""Families by the diffusers pipeline class of a folder's ``model_index.json``; the edit pipelines
+share their adapter family (``qwen_image``) with the text-to-image one, so only they are not in
+:data:`FAMILIES`."""
 
 
 def pipeline_family(pipeline: Any) -> Family | None:
@@ -27,6 +32,7 @@ def pipeline_family(pipeline: Any) -> Family | None:
 
 
 __all__ = [
-    "FAMILIES", "FLUX_EMBEDDED_GUIDANCE", "PIPELINE_FAMILIES", "Family", "FluxFamily", "QwenImageFamily", "SD3Family", "SanaFamily",
+    "FAMILIES", "FLUX_EMBEDDED_GUIDANCE", "PIPELINE_FAMILIES", "Family", "FluxFamily", "QwenImageEditFamily",
+    "QwenImageEditPlusFamily", "QwenImageFamily", "SD3Family", "SanaFamily",
     "ZImageFamily", "pipeline_family",
 ]

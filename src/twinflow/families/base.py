@@ -39,6 +39,16 @@ class Family:
     native_latent_side: ClassVar[int] = 128
     native_size: ClassVar[str] = "1024x1024 px"
     longest_prompt: ClassVar[int] = 512
+    # An edit family conditions on source images too (twinflow.families.qwen_image_edit).
+    edits: ClassVar[bool] = False
+
+    def extra_parts(self, folder: Any, can_encode: bool) -> dict[str, Any]:
+        """Parts that ``from_pretrained`` must not load itself (given as ``None``), for
+        :meth:`complete_pipeline` to fill in; ``can_encode``: the text encoder is being loaded."""
+        return {}
+
+    def complete_pipeline(self, pipeline: Any, folder: Any, can_encode: bool) -> None:
+        """Fill in the parts of :meth:`extra_parts` (an edit pipeline's processor)."""
 
     # -- prompts ---------------------------------------------------------------------------
 

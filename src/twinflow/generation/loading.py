@@ -188,7 +188,7 @@ def load_pipeline(
             f"device, got {device}"
         )
     skipped, can_encode = _text_parts(folder, family, load_text_encoder)
-    parts: dict[str, Any] = dict(skipped)
+    parts: dict[str, Any] = {**skipped, **family.extra_parts(folder, can_encode)}
     if not load_transformer:
         parts["transformer"] = _empty_model(folder, "transformer")  # no memory: only its config is read
         if not load_vae:
@@ -199,6 +199,7 @@ def load_pipeline(
     pipeline = pipeline_class.from_pretrained(
         str(folder), dtype=dtype, local_files_only=True, use_safetensors=True, **parts
     )
+    family.complete_pipeline(pipeline, folder, can_encode)
     pipeline.set_progress_bar_config(disable=True)
     if offload:
         pipeline.enable_model_cpu_offload(device=device)

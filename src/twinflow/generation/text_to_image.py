@@ -30,7 +30,7 @@ from twinflow.generation.embeddings import PromptEmbeddings, concatenate_conditi
 from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline
 from twinflow.sampler import SamplerConfig, resolve_sampler, sample
 
-__all__ = ["GenerationResult", "PromptEncoder", "TextToImage"]
+__all__ = ["EditSources", "GenerationResult", "PromptEncoder", "TextToImage"]
 
 DEFAULT_SIZE = 1024
 
@@ -235,26 +235,33 @@ class TextToImage:
         prompts: str | Sequence[str] | None = None,
         *,
         embeddings: PromptEmbeddings | Mapping[str, Tensor] | str | Path | None = None,
+        images: Any = None,
         preset: str | SamplerConfig = "2nfe",
-        width: int = DEFAULT_SIZE,
-        height: int = DEFAULT_SIZE,
+        width: int | None = None,
+        height: int | None = None,
         seed: int = 0,
         batch_size: int = 1,
         guidance_scale: float = 0.0,
         progress: bool = True,
+        source_area: int | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Generate one image per prompt (or per row of ``embeddings``).
 
         Args:
-            prompts: the prompts; with ``embeddings`` they only label the images (optional).
+            prompts: the prompts (edit instructions for an edit pipeline); with ``embeddings``
+                they only label the images (optional).
             embeddings: precomputed conditions (:func:`load_embeddings`'s result, a condition
-                dict or a file path); the text encoder is not used.
+                dict or a file path); the text encoder is not used. Not for edits.
+            images: an edit pipeline's source image(s), PIL images or paths, one or a list; every
+                prompt edits the same sources (see :mod:`twinflow.families.qwen_image_edit`).
             preset: a sampler preset (``1nfe``, ``2nfe``, ``4nfe``, ``any``, ``multi``), a spec
                 such as ``"multi:steps=50"``, or a :class:`~twinflow.sampler.SamplerConfig`;
                 keyword ``overrides`` change single fields (``steps=8``).
             width, height: image size in pixels, multiples of VAE factor x patch size (16 for
-                all released models).
+                all released models); default 1024, or for an edit the pipeline's size for its sources.
+            source_area: an edit's source pixel count (default the pipelines' 1024 x 1024); each
+                source keeps its aspect ratio.
             seed: image ``i`` uses a generator seeded ``seed + i``.
             batch_size: images per transformer batch; the images do not depend on it (up to
                 floating-point rounding of batched kernels).
@@ -267,6 +274,10 @@ class TextToImage:
         label = "custom" if isinstance(preset, SamplerConfig) else preset  # for the images' metadata
         config = resolve_sampler(preset, **overrides)
         config = replace(config, guidance_scale=float(guidance_scale)).validate()
+        edit = self._edit_sources(images, embeddings, source_area)
+        if width is None or height is None:
+            default = edit.output_size if edit is not None else (DEFAULT_SIZE, DEFAULT_SIZE)
+            width, height = width or default[0], height or default[1]
         latent_shape = self.latent_shape(width, height)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -276,7 +287,9 @@ class TextToImage:
             raise ValueError("give prompts or embeddings")
         count = len(stored) if stored is not None else len(prompts)
         labels = prompts if prompts is not None else stored.prompts or [None] * count
-        null = self._null_condition(stored) if config.guidance_scale != 0.0 else None
+        null = None
+        if config.guidance_scale != 0.0:
+            null = edit.null_condition(self) if edit is not None else self._null_condition(stored)
 
         images, seeds, calls = [], [], 0
         batches = range(0, count, batch_size)
@@ -284,6 +297,8 @@ class TextToImage:
             rows = list(range(first, min(first + batch_size, count)))
             if stored is not None:
                 condition = select_rows(stored.conditions, rows)
+            elif edit is not None:
+                condition = edit.condition(self, [labels[row] for row in rows])
             else:
                 condition = self.encode([labels[row] for row in rows])
             null_batch = None
@@ -310,12 +325,31 @@ class TextToImage:
             "sampler": config.to_dict(),
             "width": width,
             "height": height,
+            **({"source_images": len(edit.latents), "source_sizes": edit.sizes} if edit is not None else {}),
             "guidance_scale": config.guidance_scale,
             "batch_size": batch_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
         }
         return GenerationResult(images, list(labels), seeds, settings, time.perf_counter() - start, calls)
+
+    def _edit_sources(self, images: Any, embeddings: Any, area: int | None) -> EditSources | None:
+        """An edit's prepared sources, or None; refuses sources for a text-to-image model and
+        an edit without sources or from precomputed embeddings, naming the problem."""
+        if not self.family.edits:
+            if images is not None:
+                raise ValueError(
+                    f"{self.family.pipeline_class} does not edit images; --image needs an edit pipeline "
+                    f"(QwenImageEditPipeline, QwenImageEditPlusPipeline)"
+                )
+            return None
+        if embeddings is not None:
+            raise ValueError(f"{self.family.pipeline_class} encodes prompts with their source images: give prompts, not embeddings")
+        if area is not None and (not isinstance(area, int) or area < 1):
+            raise ValueError(f"source_area must be a positive number of pixels, got {area!r}")
+        self._require_encoder()
+        sources = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+        return EditSources.prepare(self, [_open_source(source) for source in sources], area)
 
     def _embeddings(self, embeddings: Any, prompts: list[str] | None) -> PromptEmbeddings | None:
         if embeddings is None:
@@ -344,3 +378,51 @@ class TextToImage:
         return self.encoder.encode_null()
 
 
+
+
+@dataclass
+class EditSources:
+    """An edit's source images, prepared once per request: the vision-language inputs of the
+    prompt encoding and the source latents every row of the condition carries."""
+
+    prompt_images: list[Any]  # PIL images, as encode_prompt takes them
+    latents: dict[str, Tensor]  # image_latents, ...: (1, C, h, w) each
+    sizes: list[list[int]]  # each source's encoded (width, height)
+    output_size: tuple[int, int]  # the pipeline's default (width, height)
+
+    @classmethod
+    @torch.no_grad()
+    def prepare(cls, model: TextToImage, sources: list[Any], area: int | None) -> EditSources:
+        family, pipeline = model.family, model.pipeline
+        prompt_images, pixels = family.prepare_sources(pipeline, sources, area)
+        latents = family.encode_sources(pipeline, [tensor.to(model.device) for tensor in pixels])
+        sizes = [[int(tensor.shape[-1]), int(tensor.shape[-2])] for tensor in pixels]
+        return cls(prompt_images, latents, sizes, family.output_size(pipeline, sources, area))
+
+    def with_latents(self, condition: dict[str, Tensor]) -> dict[str, Tensor]:
+        rows = next(iter(condition.values())).shape[0]
+        return {**condition, **{key: value.expand(rows, *value.shape[1:]) for key, value in self.latents.items()}}
+
+    def condition(self, model: TextToImage, prompts: list[str]) -> dict[str, Tensor]:
+        encoded = model.family.encode_edit(model.pipeline, prompts, self.prompt_images, model.device)
+        return self.with_latents(encoded)
+
+    def null_condition(self, model: TextToImage) -> dict[str, Tensor]:
+        """The null prompt with the same images and source latents (batch 1)."""
+        return self.with_latents(model.family.encode_null_edit(model.pipeline, self.prompt_images, model.device))
+
+
+def _open_source(source: Any) -> Any:
+    """A source image as an RGB PIL image (a PIL image, or a path that names the file when it fails)."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"source image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"source image {path} cannot be read: {error}") from None
