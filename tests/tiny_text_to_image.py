@@ -64,11 +64,16 @@ def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
 
 
 def save_tiny_transformer(folder: Path, family: str = "z_image") -> Path:
-    """A random 2-layer Z-Image (or Sana) transformer saved into ``folder``; returns ``folder``."""
+    """A random 2-layer Z-Image (or Sana, or Qwen-Image) transformer saved into ``folder``; returns ``folder``."""
     import diffusers
 
     torch.manual_seed(0)
-    if family == "sana":
+    if family == "qwen_image":  # 2 x 2 latent patches per token: CHANNELS * 4 features in
+        transformer = diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=4 * CHANNELS, out_channels=CHANNELS, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=WIDTH, axes_dims_rope=(4, 6, 6),
+        )
+    elif family == "sana":
         transformer = diffusers.SanaTransformer2DModel(
             in_channels=CHANNELS, out_channels=CHANNELS, num_attention_heads=2, attention_head_dim=16, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=WIDTH,

@@ -117,6 +117,9 @@ def _add_cache_command(commands) -> None:
     cache.add_argument("--source", choices=["folder", "parquet"], default="folder")
     cache.add_argument("--size", type=_positive, default=1024, help="image side (square crop), or the pixel budget side with --buckets")
     cache.add_argument("--buckets", action="store_true", help="aspect-ratio buckets instead of square centre crops")
+    cache.add_argument("--edit-source", dest="edit_sources", action="append", default=[], metavar="DIR_OR_COLUMN",
+                       help="edit triplets (an edit pipeline): a folder of source images named as the targets in --data "
+                            "(folder source), or the column of their bytes (parquet); repeatable for Picture 1, 2, ...")
     cache.add_argument("--on-error", choices=["skip", "error"], default="skip",
                        help="corrupt images and missing captions: count, report and skip them, or stop at the first")
     cache.add_argument("--out", type=Path, required=True, help="the cache folder (an interrupted run resumes)")
@@ -354,9 +357,10 @@ def command_cache(arguments: argparse.Namespace) -> None:
     from twinflow.data import CaptionedDataConfig
     from twinflow.train.prepare import cache_from_pipeline
 
+    sources = {"source_roots" if arguments.source == "folder" else "source_columns": tuple(arguments.edit_sources)}
     data = CaptionedDataConfig(
         source=arguments.source, root=str(arguments.data), image_size=arguments.size, buckets=arguments.buckets,
-        on_error=arguments.on_error,
+        on_error=arguments.on_error, **sources,
     )
     cache, dataset = cache_from_pipeline(
         arguments.model, data, arguments.out, device=arguments.device, dtype=arguments.dtype,

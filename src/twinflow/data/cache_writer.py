@@ -7,7 +7,10 @@ outputs are computed once. :func:`cache_dataset` runs a captioned dataset (anyth
 
 * ``encode_images(images) -> latents``: images float ``(B, C, H, W)`` in ``[-1, 1]``;
 * ``encode_prompts(captions) -> {name: tensor}``: a list of ``B`` strings to tensors with ``B`` rows
-  (``{"prompt_embeds", "prompt_embeds_mask"}``, ``{"prompt_embeds", "pooled_prompt_embeds"}``, ...),
+  (``{"prompt_embeds", "prompt_embeds_mask"}``, ``{"prompt_embeds", "pooled_prompt_embeds"}``, ...);
+  for edit triplets (``dataset[indices] -> (images, captions, sources)``) ``encode_prompts(captions,
+  sources)``, which also encodes the sources and each item's null condition
+  (:class:`~twinflow.data.encoders.EditEncoder`),
 
 so the cache pass knows nothing of a particular VAE or text encoder (:mod:`twinflow.data.encoders`
 builds both from diffusers models). It writes the format of :mod:`twinflow.data.cache_format`
@@ -301,12 +304,14 @@ def _encode_shard(
     captions: list[str] = []
     for start in range(0, len(indices), batch_size):
         batch = torch.tensor(indices[start : start + batch_size], dtype=torch.int64)
-        images, texts = dataset[batch]
+        images, texts, *sources = dataset[batch]  # edit triplets add the source images
         texts = [str(text) for text in texts]
+        if sources and encode_prompts is None:
+            raise ValueError("this dataset holds edit triplets: their source images need an encode_prompts(captions, sources)")
         with torch.no_grad():
             outputs = {LATENTS_KEY: encode_images(images)}
             if encode_prompts is not None:
-                condition = encode_prompts(texts)
+                condition = encode_prompts(texts, *sources)
                 if not isinstance(condition, Mapping):
                     raise ValueError(f"encode_prompts must return a mapping of tensors, got {type(condition).__name__}")
                 if LATENTS_KEY in condition:

@@ -15,6 +15,13 @@ memory), EXIF-rotated, put on white where transparent, then scaled to cover the 
 centre-cropped in one bicubic resampling (:mod:`twinflow.data.image_decoding`). They come out as
 float32 ``(C, H, W)`` in ``[-1, 1]`` (``x / 127.5 - 1``, as :class:`~twinflow.data.ImageDataset`).
 
+Edit triplets (source image(s), instruction, target image), for training an edit model: the
+folder source with ``source_roots``, one folder per source image in which the source of
+``root/cat/01.png`` is ``cat/01.<any image suffix>``; the parquet source with ``source_columns``,
+the columns of the sources' bytes. The captions are the instructions, the images under ``root``
+(or in ``image_column``) the targets, and each source is scaled and cropped to its target's size.
+A missing or unreadable source makes the item bad, as a missing caption does.
+
 Aspect-ratio buckets (``buckets=True``): each image goes to the size of the nearest aspect
 ratio (:mod:`twinflow.data.buckets`) and :class:`~twinflow.data.BucketBatches` draws batches
 from one bucket at a time, seeded and resumable like :class:`~twinflow.data.ShuffledBatches`.
@@ -86,6 +93,10 @@ class CaptionedDataConfig:
         bucket_multiple: bucket heights and widths are multiples of this.
         text_column: the parquet column holding the captions.
         image_column: the parquet column holding the encoded images.
+        source_roots: edit triplets from folders: one folder per source image (Picture 1, 2,
+            ...), each holding the source of ``root/<name>.<ext>`` as ``<name>.<any image suffix>``;
+            the images under ``root`` are then the edits' targets and the captions their instructions.
+        source_columns: edit triplets from parquet: the columns holding the source images' bytes.
         on_error: ``"skip"`` bad items (counted and reported) or raise on the first (``"error"``).
         verify_images: decode every image in the pre-scan (slow, but finds truncated files
             before training rather than during it).
@@ -102,6 +113,8 @@ class CaptionedDataConfig:
     bucket_multiple: int = DEFAULT_BUCKET_MULTIPLE
     text_column: str = "text"
     image_column: str = "image"
+    source_roots: tuple[str, ...] = ()
+    source_columns: tuple[str, ...] = ()
     on_error: str = "skip"
     verify_images: bool = False
     report_limit: int = 20
@@ -138,6 +151,15 @@ class CaptionedDataConfig:
         for name in ("text_column", "image_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"CaptionedDataConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("source_roots", "source_columns"):
+            value = (getattr(self, name),) if isinstance(getattr(self, name), str) else tuple(getattr(self, name))
+            if not all(isinstance(entry, str) and entry for entry in value):
+                raise ValueError(f"CaptionedDataConfig.{name} must be a list of non-empty strings, got {getattr(self, name)!r}")
+            setattr(self, name, value)
+        wrong = "source_columns" if self.source == "folder" else "source_roots"
+        if getattr(self, wrong):
+            right = "source_roots" if self.source == "folder" else "source_columns"
+            raise ValueError(f"CaptionedDataConfig.{wrong} is for the other source; the {self.source} source takes {right}")
         if self.on_error not in ON_ERROR_MODES:
             raise ValueError(f"CaptionedDataConfig.on_error must be one of {list(ON_ERROR_MODES)}, got {self.on_error!r}")
         if not isinstance(self.verify_images, bool):
@@ -147,6 +169,11 @@ class CaptionedDataConfig:
         if self.limit is not None and (not is_integer(self.limit) or self.limit < 1):
             raise ValueError(f"CaptionedDataConfig.limit must be None or a positive int, got {self.limit!r}")
 
+    @property
+    def source_count(self) -> int:
+        """Source images per item: 0 for captioned images, 1 or more for edit triplets."""
+        return len(self.source_roots) + len(self.source_columns)
+
 
 class CaptionedImages:
     """Lazily decoded captioned images (build one with :func:`load_captioned`).
@@ -154,6 +181,9 @@ class CaptionedImages:
     ``dataset[i]`` is ``(image, caption)``: float32 ``(C, H, W)`` in ``[-1, 1]`` and a string.
     ``dataset[indices]`` (a LongTensor or a sequence of ints, all from one bucket) is
     ``(images, captions)``: float32 ``(B, C, H, W)`` and a list of ``B`` strings.
+    Edit triplets (``source_roots`` / ``source_columns``) add a third entry, the sources, each
+    scaled and cropped to its target's size: ``(N, C, H, W)`` for one item, ``(B, N, C, H, W)``
+    for a batch.
 
     Attributes:
         config: the configuration it was loaded with.
@@ -199,9 +229,10 @@ class CaptionedImages:
     def description(self) -> str:
         """What was loaded, for logs and cache indexes: source, root, item count and sizes."""
         sizes = ", ".join(f"{height}x{width}" for height, width in self.buckets)
+        sources = f", {self.config.source_count} source image(s) each (edit triplets)" if self.config.source_count else ""
         return (
             f"captioned {self.config.source} {self.config.root}: {len(self)} items, "
-            f"{self.config.channels} channels, sizes (HxW) {sizes}"
+            f"{self.config.channels} channels, sizes (HxW) {sizes}{sources}"
         )
 
     def image_size(self, index: int) -> tuple[int, int]:
@@ -220,30 +251,40 @@ class CaptionedImages:
                 f"BucketBatches(dataset.bucket_ids, batch_size, seed)"
             )
         loaded = [self._load(position) for position in positions]
-        return torch.stack([image for image, _ in loaded]), [caption for _, caption in loaded]
+        batch = torch.stack([entry[0] for entry in loaded]), [entry[1] for entry in loaded]
+        return (*batch, torch.stack([entry[2] for entry in loaded])) if self.config.source_count else batch
 
-    def _load(self, position: int) -> tuple[Tensor, str]:
-        """Decode item ``position``; in skip mode a broken one is reported and replaced (see module doc)."""
+    def _load(self, position: int) -> tuple[Any, ...]:
+        """Decode item ``position`` (and its sources); in skip mode a broken one is reported and
+        replaced (see module doc)."""
         if position in self._failed:
             position = self._substitute(position)
         while True:
             item = self._items[position]
+            height, width = self.image_size(position)
+            what = "image"
             try:
-                image = decode_image(self._encoded(item), self.config.channels)
+                image = self._pixels(self._encoded(item), height, width)
+                what = "source image"
+                sources = [self._pixels(self._encoded(item, number), height, width) for number in range(self.config.source_count)]
             except IMAGE_ERRORS as error:
                 if self.config.on_error == "error":
-                    raise ValueError(f"could not decode image {self._full_name(item)}: {error}") from error
+                    raise ValueError(f"could not decode {what} of {self._full_name(item)}: {error}") from error
                 self._failed.add(position)
-                self.report.record("corrupt image", item.name, f"{type(error).__name__}: {error}")
+                self.report.record(f"corrupt {what}", item.name, f"{type(error).__name__}: {error}")
                 warnings.warn(
-                    f"skipping corrupt image {item.name} ({error}); using the next good item of its bucket",
+                    f"skipping corrupt {what} of {item.name} ({error}); using the next good item of its bucket",
                     stacklevel=3,
                 )
                 position = self._substitute(position)
                 continue
-            height, width = self.image_size(position)
-            array = _image_to_chw_array(resize_center_crop(image, height, width))
-            return _uint8_to_unit_range(torch.from_numpy(np.array(array))), item.caption
+            return (image, item.caption, torch.stack(sources)) if sources else (image, item.caption)
+
+    def _pixels(self, encoded: Path | bytes, height: int, width: int) -> Tensor:
+        """An encoded image decoded, scaled and centre-cropped to ``height`` x ``width``, in [-1, 1]."""
+        image = decode_image(encoded, self.config.channels)
+        array = _image_to_chw_array(resize_center_crop(image, height, width))
+        return _uint8_to_unit_range(torch.from_numpy(np.array(array)))
 
     def _substitute(self, position: int) -> int:
         """The next item after ``position`` (cyclically) in the same bucket not known to be broken."""
@@ -260,10 +301,11 @@ class CaptionedImages:
     def _full_name(self, item: ScannedItem) -> str:
         return str(item.path) if item.path is not None else f"{self.config.root}: {item.name}"
 
-    def _encoded(self, item: ScannedItem) -> Path | bytes:
-        """The file path, or the encoded bytes of a parquet row."""
+    def _encoded(self, item: ScannedItem, source: int | None = None) -> Path | bytes:
+        """The file path, or the encoded bytes of a parquet row: the target, or source number ``source``."""
         if item.path is not None:
-            return item.path
+            return item.path if source is None else item.sources[source]
+        columns = [self.config.image_column, *self.config.source_columns]
         file_index, group, row = item.row
         key = (file_index, group)
         values = self._row_groups.get(key)
@@ -272,13 +314,13 @@ class CaptionedImages:
             if handle is None:
                 handle = parquet_module().ParquetFile(self._parquet_files[file_index])
                 self._parquet_handles[file_index] = handle
-            table = handle.read_row_group(group, columns=[self.config.image_column])
-            values = table.column(self.config.image_column).to_pylist()
+            table = handle.read_row_group(group, columns=columns)
+            values = [table.column(column).to_pylist() for column in columns]
             self._row_groups[key] = values
             while len(self._row_groups) > PARQUET_ROW_GROUP_CACHE:
                 self._row_groups.popitem(last=False)
         self._row_groups.move_to_end(key)
-        encoded = image_bytes(values[row])
+        encoded = image_bytes(values[0 if source is None else 1 + source][row])
         if encoded is None:  # the pre-scan saw bytes here; the file changed since
             raise ValueError(f"parquet row {item.name} has no image bytes any more")
         return encoded

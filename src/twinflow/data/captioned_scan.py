@@ -87,18 +87,24 @@ class ScannedItem:
     height: int
     path: Path | None = None  # folder source
     row: tuple[int, int, int] | None = None  # parquet source: (file index, row group, row in group)
+    sources: tuple[Path, ...] = ()  # folder edit triplets: the source images' files
 
 
 def scan_folder(root: Path, config: CaptionedDataConfig, report: SkipReport) -> list[ScannedItem]:
     """The good ``(image, caption)`` pairs under ``root``, in sorted relative-path order."""
     if not root.is_dir():
         raise ValueError(f"captioned image folder root is not a directory: {root}")
+    source_roots = [Path(source) for source in config.source_roots]
+    for source in source_roots:
+        if not source.is_dir():
+            raise ValueError(f"edit source folder (source_roots) is not a directory: {source}")
     images = sorted(
         (
             path
             for path in root.rglob("*")
             if path.suffix.lower() in CAPTIONED_IMAGE_EXTENSIONS
             and not any(part.startswith(".") for part in path.relative_to(root).parts)
+            and not any(path.is_relative_to(source) for source in source_roots)  # sources are no targets
             and path.is_file()
         ),
         key=lambda path: path.relative_to(root).as_posix(),
@@ -137,7 +143,31 @@ def _folder_item(path: Path, root: Path, config: CaptionedDataConfig, report: Sk
     except IMAGE_ERRORS as error:
         _record_bad(config, report, "corrupt image", name, str(path), f"{type(error).__name__}: {error}")
         return None
-    return ScannedItem(name=name, caption=caption, width=width, height=height, path=path)
+    sources = []
+    for source_root in config.source_roots:
+        source = _source_file(Path(source_root), path.relative_to(root))
+        if source is None:
+            _record_bad(config, report, "missing source image", name, str(path), f"no {Path(source_root) / path.relative_to(root).stem}.*")
+            return None
+        try:
+            probe_size(source, config.verify_images)
+        except IMAGE_ERRORS as error:
+            _record_bad(config, report, "corrupt source image", name, str(source), f"{type(error).__name__}: {error}")
+            return None
+        sources.append(source)
+    return ScannedItem(name=name, caption=caption, width=width, height=height, path=path, sources=tuple(sources))
+
+
+def _source_file(source_root: Path, relative: Path) -> Path | None:
+    """The source image of the target ``relative``: same relative name, any image suffix."""
+    folder = source_root / relative.parent
+    if not folder.is_dir():
+        return None
+    matches = sorted(
+        path for path in folder.iterdir()
+        if path.stem == relative.stem and path.suffix.lower() in CAPTIONED_IMAGE_EXTENSIONS and path.is_file()
+    )
+    return matches[0] if matches else None
 
 
 def find_parquet_files(root: Path) -> list[Path]:
@@ -158,7 +188,7 @@ def scan_parquet(
 ) -> list[ScannedItem]:
     """The good rows of ``files``, read one row group at a time."""
     parquet = parquet_module()
-    columns = [config.text_column, config.image_column]
+    columns = [config.text_column, config.image_column, *config.source_columns]
     items: list[ScannedItem] = []
     for file_index, path in enumerate(files):
         label = path.name if path == root else path.relative_to(root).as_posix()
@@ -167,16 +197,19 @@ def scan_parquet(
         if missing:
             raise ValueError(
                 f"parquet file {path} has no column(s) {missing}; its columns are {handle.schema_arrow.names} "
-                f"(set CaptionedDataConfig.text_column / image_column)"
+                f"(set CaptionedDataConfig.text_column / image_column / source_columns)"
             )
         first_row = 0
         for group in range(handle.num_row_groups):
             table = handle.read_row_group(group, columns=columns)
             texts = table.column(config.text_column).to_pylist()
             values = table.column(config.image_column).to_pylist()
+            sources = [table.column(column).to_pylist() for column in config.source_columns]
             for row, (text, value) in enumerate(zip(texts, values)):
                 names = (f"{label} row {first_row + row}", f"{path} row {first_row + row}")
                 item = _parquet_item(text, value, names, (file_index, group, row), config, report)
+                if item is not None and not _parquet_sources_good([column[row] for column in sources], names, config, report):
+                    item = None
                 if item is not None:
                     items.append(item)
                     if config.limit is not None and len(items) >= config.limit:
@@ -213,6 +246,21 @@ def _parquet_item(
         _record_bad(config, report, "corrupt image", name, full_name, f"{type(error).__name__}: {error}")
         return None
     return ScannedItem(name=name, caption=caption, width=width, height=height, row=row)
+
+
+def _parquet_sources_good(values: list[Any], names: tuple[str, str], config: CaptionedDataConfig, report: SkipReport) -> bool:
+    """Whether every source cell of a row holds a readable image (else the row is recorded as bad)."""
+    for column, value in zip(config.source_columns, values):
+        encoded = image_bytes(value)
+        if encoded is None:
+            _record_bad(config, report, "missing source image", *names, f"{column} holds no bytes")
+            return False
+        try:
+            probe_size(encoded, config.verify_images)
+        except IMAGE_ERRORS as error:
+            _record_bad(config, report, "corrupt source image", *names, f"{column}: {type(error).__name__}: {error}")
+            return False
+    return True
 
 
 def _record_bad(

@@ -191,6 +191,54 @@ def prompt_encoder(
     return PromptEncoder(pipeline, max_sequence_length=max_sequence_length, dtype=dtype)
 
 
+class EditEncoder:
+    """``encode_prompts(captions, sources)`` for :func:`~twinflow.data.cache_dataset` over edit
+    triplets, from an edit pipeline (``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline``).
+
+    ``sources`` is (B, N, 3, H, W) in [-1, 1], already at the targets' size. Each item's
+    condition is what generation builds for an edit (:mod:`twinflow.families.qwen_image_edit`):
+    the instruction encoded with the item's images (``prompt_embeds``, ``prompt_embeds_mask``),
+    the source latents (``image_latents``, ...; the VAE's mode, normalised as the targets, in
+    ``dtype``), and the item's own null condition, the null prompt with the same images, under
+    ``null.prompt_embeds`` and ``null.prompt_embeds_mask`` (the cache's per-item null condition,
+    :data:`~twinflow.data.cache_format.ITEM_NULL_PREFIX`).
+    """
+
+    def __init__(self, pipeline: Any, dtype: torch.dtype = torch.float32):
+        from twinflow.families import pipeline_family
+
+        family = pipeline_family(pipeline)
+        if family is None or not family.edits:
+            raise TypeError(f"edit triplets need an edit pipeline (QwenImageEditPipeline, ...), got {type(pipeline).__name__}")
+        self.pipeline = pipeline
+        self.family = family
+        self.dtype = dtype
+
+    @property
+    def description(self) -> dict[str, Any]:
+        return {"pipeline": type(self.pipeline).__name__, "family": self.family.name, "edits": True,
+                "null_prompt": self.family.null_prompt, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str], sources: Tensor) -> dict[str, Tensor]:
+        from twinflow.data.cache_format import ITEM_NULL_PREFIX, concatenate_rows
+
+        if sources.ndim != 5 or sources.shape[0] != len(captions):
+            raise ValueError(f"edit sources must be (B, N, 3, H, W) with B = {len(captions)}, got {tuple(sources.shape)}")
+        family, pipeline, device = self.family, self.pipeline, _pipeline_device(self.pipeline)
+        family.check_sources(list(range(sources.shape[1])))
+        rows: dict[str, list[Tensor]] = {}
+        for caption, item in zip(captions, sources):
+            images = pipeline.image_processor.postprocess(item, output_type="pil")  # as generation gets them
+            prompt_images = family.prompt_images(pipeline, images, [image.size for image in images])
+            encoded = family.encode_edit(pipeline, [caption], prompt_images, device)
+            null = family.encode_null_edit(pipeline, prompt_images, device)
+            for key, value in (*encoded.items(), *((ITEM_NULL_PREFIX + key, value) for key, value in null.items())):
+                rows.setdefault(key, []).append(value.to(self.dtype) if value.is_floating_point() else value)
+        latents = family.encode_sources(pipeline, [sources[:, number] for number in range(sources.shape[1])], self.dtype)
+        return {**{key: concatenate_rows(values, key) for key, values in rows.items()}, **latents}
+
+
 def _pipeline_device(pipeline: Any) -> Any:
     """Where the pipeline runs its text encoders (diffusers' ``_execution_device``, else ``device``)."""
     device = getattr(pipeline, "_execution_device", None)

@@ -44,7 +44,13 @@ def area_size(area: int, width: int, height: int) -> tuple[int, int]:
     ratio = width / height
     new_width = math.sqrt(area * ratio)
     new_height = new_width / ratio
-    return round(new_width / SIZE_MULTIPLE) * SIZE_MULTIPLE, round(new_height / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    size = round(new_width / SIZE_MULTIPLE) * SIZE_MULTIPLE, round(new_height / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    if min(size) < SIZE_MULTIPLE:
+        raise ValueError(
+            f"a {width}x{height} image at {area} pixels rounds to {size[0]}x{size[1]}: sides are multiples of "
+            f"{SIZE_MULTIPLE}; give a larger source area"
+        )
+    return size
 
 
 class VisionPromptProcessor:
@@ -168,13 +174,14 @@ class QwenImageEditFamily(QwenImageFamily):
         """The null prompt with the same images: the unconditional edit (batch 1)."""
         return self.encode_edit(pipeline, [self.null_prompt], images, device)
 
-    def encode_sources(self, pipeline: Any, pixels: list[Tensor]) -> dict[str, Tensor]:
+    def encode_sources(self, pipeline: Any, pixels: list[Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         """``image_latents`` ... of source images, each (B, 3, H, W) in [-1, 1] at its encoding size:
-        the VAE's posterior mode, normalised as the pipeline's ``_encode_vae_image`` does."""
+        the VAE's posterior mode, normalised as the pipeline's ``_encode_vae_image`` does (in
+        ``dtype``, default the VAE's)."""
         from twinflow.adapters.qwen_image import SOURCE_KEYS
         from twinflow.data.encoders import VaeEncoder
 
-        encoder = VaeEncoder(pipeline.vae, dtype=pipeline.vae.dtype)
+        encoder = VaeEncoder(pipeline.vae, dtype=pipeline.vae.dtype if dtype is None else dtype)
         return {key: encoder(source) for key, source in zip(SOURCE_KEYS, pixels, strict=False)}
 
 

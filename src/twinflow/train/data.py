@@ -9,7 +9,10 @@ Null conditions (the "empty" condition of the guidance-enhanced target, spec 2.2
 
 * labelled images: the extra class ``num_classes``;
 * a latent cache: the cache's encoded empty prompt (``null_condition.safetensors``, written by
-  ``cache_dataset(..., null_prompt="")``), repeated over the batch. A cache without it falls
+  ``cache_dataset(..., null_prompt="")``), repeated over the batch. An edit cache holds each
+  item's own null condition (the null prompt with the item's source images, ``null.*`` keys),
+  and the source latents stay in it: the guidance target, the fake flow and the rectification
+  all see the same source images. A cache without it falls
   back to zeros for the floating-point tensors (prompt embeddings, pooled embeddings) while
   integer and boolean tensors (attention masks) are copied from the batch, so every sample keeps
   at least one unmasked token. The fallback is the "zero text" null condition; cache the empty
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from twinflow.conditions import Condition
 from twinflow.data import BucketBatches, CachedLatents, DataConfig, ImageDataset, ShuffledBatches, load_dataset
+from twinflow.data.cache_format import ITEM_NULL_PREFIX, split_item_null
 from twinflow.families.prompts import pad_tokens
 from twinflow.train.config import LATENT_CACHE
 
@@ -99,8 +103,8 @@ class CachedLatentData:
 
     def batch(self, indices: Tensor, device: torch.device) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         latents, condition = self.cache[indices]
-        condition = {key: _float32(value).to(device) for key, value in condition.items()}
-        null = self.null_condition(condition)
+        condition, item_null = split_item_null({key: _float32(value).to(device) for key, value in condition.items()})
+        null = item_null if item_null is not None else self.null_condition(condition)
         return _float32(latents).to(device), *match_lengths(condition, null)
 
     def null_condition(self, condition: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -115,10 +119,11 @@ class CachedLatentData:
         return {key: _float32(value).to(device).expand(count, *value.shape[1:]).clone() for key, value in self.null.items()}
 
     def description(self) -> dict[str, Any]:
-        return {
-            "latent_cache": str(self.cache.root), "latent_shapes": [list(shape) for shape in self.latent_shapes],
-            "null_condition": "cached empty prompt" if self.null is not None else "zeros (no null_condition.safetensors)",
-        }
+        if any(key.startswith(ITEM_NULL_PREFIX) for key in self.cache.condition_keys):
+            null = "per item (the null prompt with the item's source images)"
+        else:
+            null = "cached empty prompt" if self.null is not None else "zeros (no null_condition.safetensors)"
+        return {"latent_cache": str(self.cache.root), "latent_shapes": [list(shape) for shape in self.latent_shapes], "null_condition": null}
 
 
 def match_lengths(condition: dict[str, Tensor], null: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -8,6 +8,10 @@ prompt's embedding (the null condition of the guidance-enhanced target: the fami
 prompt, see :class:`~twinflow.families.Family`) to a resumable
 safetensors cache that ``data.source: latent_cache`` trains from. The transformer's weights are
 never loaded; only its config is read, to check that every image size fits the model.
+
+Edit pipelines (Qwen-Image-Edit, Edit-Plus) cache edit triplets (``source_roots`` /
+``source_columns`` of the data): the instruction encoded with the item's source images, the
+source latents and each item's null condition (:class:`~twinflow.data.EditEncoder`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from twinflow.data import (
     CachedLatents,
     CaptionedDataConfig,
     CaptionedImages,
+    EditEncoder,
     cache_dataset,
     load_captioned,
     prompt_encoder,
@@ -60,12 +65,24 @@ def cache_from_pipeline(
         raise FileNotFoundError(f"{loaded.folder} has no text encoder to cache prompt embeddings with (needs {parts})")
     for height, width in dataset.buckets:  # fail before encoding anything, not at the first odd bucket
         loaded.family.latent_shape(loaded.pipeline, loaded.pipeline.transformer, width, height)
-    # The family's null prompt ("Generate an image." for Qwen-Image and SD3, as the reference) and
-    # token limit, the same ones generation uses.
     family = loaded.family
-    limit = family.token_limit(max_sequence_length).get("max_sequence_length")
+    if family.edits != bool(data.source_count):
+        raise ValueError(
+            f"{loaded.folder} is a {family.pipeline_class}: its data are edit triplets, give the source images "
+            f"(source_roots, source_columns; twinflow cache --edit-source)" if family.edits else
+            f"the data have source images (edit triplets) but {loaded.folder} is a {family.pipeline_class}, "
+            f"not an edit pipeline"
+        )
+    if family.edits:
+        family.check_sources(list(range(data.source_count)))
+        encode_prompts, null_prompt = EditEncoder(loaded.pipeline), None  # each item's null: with its sources
+    else:
+        # The family's null prompt ("Generate an image." for Qwen-Image and SD3, as the reference) and
+        # token limit, the same ones generation uses.
+        limit = family.token_limit(max_sequence_length).get("max_sequence_length")
+        encode_prompts, null_prompt = prompt_encoder(loaded.pipeline, limit), family.null_prompt
     cache = cache_dataset(
-        dataset, vae_encoder(loaded.pipeline.vae), prompt_encoder(loaded.pipeline, limit), out_dir,
-        shard_size=shard_size, batch_size=batch_size, progress=progress, overwrite=overwrite, null_prompt=family.null_prompt,
+        dataset, vae_encoder(loaded.pipeline.vae), encode_prompts, out_dir,
+        shard_size=shard_size, batch_size=batch_size, progress=progress, overwrite=overwrite, null_prompt=null_prompt,
     )
     return cache, dataset
