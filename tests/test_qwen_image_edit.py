@@ -495,3 +495,41 @@ def test_cache_refuses_triplets_for_a_text_to_image_model_and_plain_images_for_a
                 "--out", tmp_path / "c") == 2
     assert "at most 1 source" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_the_edit_lora_recipe_plans_qwen_image_edit_2511_with_its_source_tokens(tmp_path):
+    """diffusers' QwenImageTransformer2DModel defaults are Qwen-Image's 20B widths; with
+    ``zero_cond_t`` it is Edit-2511's. The dry run builds it on the meta device and counts each
+    cached source's tokens into the activation estimate (a cache of real-width latents and text)."""
+    from dry_runs import dry_run
+
+    from twinflow.data import cache_dataset
+    from twinflow.train.config import load_config
+
+    with torch.device("meta"):
+        transformer = diffusers.QwenImageTransformer2DModel(zero_cond_t=True)
+    transformer.save_config(tmp_path / "model" / "transformer")
+
+    class Triplets:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, indices):
+            return torch.zeros(len(indices), 16, 32, 48), ["edit"] * len(indices), torch.zeros(len(indices), 1, 16, 32, 48)
+
+    def encode(captions, sources):
+        embeds, mask = torch.zeros(len(captions), 20, 3584), torch.ones(len(captions), 20, dtype=torch.long)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask, "image_latents": sources[:, 0].clone(),
+                "null.prompt_embeds": embeds[:, :12].clone(), "null.prompt_embeds_mask": mask[:, :12].clone()}
+
+    cache_dataset(Triplets(), lambda images: images.clone(), encode, tmp_path / "cache", progress=False)
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "qwen_image_edit_lora_twinflow.yaml"
+    code, stdout, stderr, plan = dry_run(recipe, tmp_path / "dry", "--world-size", "8", "--set", f"model.path={tmp_path / 'model'}",
+                                         "--set", f"data.root={tmp_path / 'cache'}")
+    assert code == 0, stderr
+    assert plan.fsdp_units == {"QwenImageTransformerBlock": 60} and 20e9 < plan.transformer_parameters < 21e9
+    assert plan.activations.tokens == 2 * (16 * 24) + 20  # target + source tokens (2 x 2 patches) + text
+    assert "1 source image(s) per item" in stdout
+    assert plan.lora_rank == 64 and plan.teacher == "ema adapter" and plan.lora_targets["to_add_out"] == 59
+    objective = load_config(recipe)["phases"][0]["objective"]
+    assert (objective["loss"], objective["guidance_ratio"]) == ("barron", 0.8)

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from twinflow.adapters.qwen_image import SOURCE_KEYS
+from twinflow.data.cache_format import ITEM_NULL_PREFIX
 from twinflow.objective.partition import slice_schedule, stream_position
 from twinflow.train.config import LATENT_CACHE, ConfigError, check_world_size, model_arguments, phase_objective
 
@@ -158,7 +160,7 @@ def preflight(config: dict, world_size: int, latent_size: tuple[int, int] | None
     per_process = batch // world_size
     slices = [_slice_plan(config, number, world_size) for number in range(len(config["phases"]))]
 
-    data, shapes, text_tokens = _read_data(config, notes)
+    data, shapes, text_tokens, sources = _read_data(config, notes)
     model, facts = _meta_model(config, data)
     lora = training["lora"]
     decay = float(training["ema_decay"])
@@ -168,7 +170,7 @@ def preflight(config: dict, world_size: int, latent_size: tuple[int, int] | None
     if facts["weight_files"] is False:
         cautions.append(f"{facts['folder']} holds no weight files: a dry run reads none, the run would fail to load")
 
-    activations = _activations(model, facts, config, shapes, text_tokens, latent_size, notes)
+    activations = _activations(model, facts, config, shapes, (text_tokens, sources), latent_size, notes)
     teacher = "the model itself" if decay == 0 else ("ema adapter" if lora else "EMA copy")
     ema_adapter = _bytes(model, lambda name: "lora_" in name and ".ema." in name)
     # FSDP gathers the model and an EMA copy in full for the whole objective (gathered_weights):
@@ -257,26 +259,30 @@ def _slice_plan(config: dict, number: int, world_size: int) -> SlicePlan:
 
 
 def _read_data(config: dict, notes: list[str]):
-    """``(training data or None, latent shapes, text tokens or None)``; a latent cache's index only."""
+    """``(training data or None, latent shapes, text tokens or None, edit source images)``; a
+    latent cache's index only."""
     from twinflow.train.data import load_training_data
 
     source = config["data"]
     if source["source"] == LATENT_CACHE and not Path(source["root"]).exists():
         notes.append(f"data.root {source['root']} does not exist (yet): data not checked")
-        return None, [], None
+        return None, [], None, 0
     try:
         data = load_training_data(source)  # a cache: its index.json only; images: the data set
         data.batch_order(config["training"]["batch_size"], config["seed"])  # the batch must fit the data
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(f"data ({source.get('root') or source['source']}): {error}") from None
     if source["source"] != LATENT_CACHE:
-        return data, [tuple(data.image_shape)], None
-    # Text tokens: the longest condition sequence (dimension 1 of 3-d tensors) in any shard.
+        return data, [tuple(data.image_shape)], None, 0
+    # Text tokens: the longest condition sequence (dimension 1 of 3-d tensors) in any shard; an
+    # edit's null prompt ("null." keys) is a separate call, not more tokens.
     lengths = [
         shape[1] for shard in data.cache.index["shards"] for key, shape in shard["shapes"].items()
-        if key != "latents" and len(shape) == 3
+        if key != "latents" and len(shape) == 3 and not key.startswith(ITEM_NULL_PREFIX)
     ]
-    return data, list(data.latent_shapes), max(lengths) if lengths else None
+    # Edits: each source's latents (at the target's size) join the sequence.
+    sources = sum(key in SOURCE_KEYS for key in data.cache.condition_keys)
+    return data, list(data.latent_shapes), max(lengths) if lengths else None, sources
 
 
 # ---- the model on the meta device ------------------------------------------------------------
@@ -380,8 +386,10 @@ def _bytes(model: nn.Module, select=None, trained: bool = False) -> int:
 # ---- activations ----------------------------------------------------------------------------
 
 
-def _activations(model, facts, config, shapes, text_tokens, latent_size, notes) -> ActivationEstimate | None:
-    """The activation estimate at the data's largest latents, ``--latent-size`` or the family default."""
+def _activations(model, facts, config, shapes, text, latent_size, notes) -> ActivationEstimate | None:
+    """The activation estimate at the data's largest latents, ``--latent-size`` or the family
+    default; ``text``: the cache's text tokens (or None) and its edit source images."""
+    text_tokens, sources = text
     element = 2 if config["precision"] == "bf16" else 4
     if facts["family"] is None:
         notes.append(f"activations: not estimated for {facts['model']} (the estimate is a transformer's; a short run measures it)")
@@ -412,7 +420,9 @@ def _activations(model, facts, config, shapes, text_tokens, latent_size, notes) 
     if text_tokens is None:
         text_tokens = default_text
         notes.append(f"text tokens: {default_text}, the {facts['family']} prompt limit (an upper bound)")
-    image_tokens = (latent[1] // patch) * (latent[2] // patch)
+    image_tokens = (latent[1] // patch) * (latent[2] // patch) * (1 + sources)
+    if sources:
+        notes.append(f"edits: {sources} source image(s) per item add {sources} x the target's tokens to the sequence")
     per_sample, no_grad = transformer_activations(
         image_tokens + text_tokens, _width(transformer.config), len(_fsdp_blocks(model)), element,
         config["training"]["gradient_checkpointing"],
