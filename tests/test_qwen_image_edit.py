@@ -234,6 +234,11 @@ def test_generate_command_edits_the_given_images(folders, tmp_path, capsys):
     assert one.shape == (24, 16, 3) and two.shape == (32, 32, 3)
     assert _run(*common, "--image", tmp_path / "nothing.png", "--out", tmp_path / "none") == 2
     assert "--image" in capsys.readouterr().err
+    # Prompts alone have no edit condition: encode refuses, naming what to do instead.
+    assert _run("encode", "--model", folders["qwen_image_edit"], "--prompt", PROMPT, "--device", "cpu",
+                "--out", tmp_path / "prompts.safetensors") == 2
+    assert "encodes an instruction together with its source images" in capsys.readouterr().err
+    assert not (tmp_path / "prompts.safetensors").exists()
 
 
 # -- training ---------------------------------------------------------------------------------

@@ -115,6 +115,15 @@ class QwenImageEditFamily(QwenImageFamily):
     native_latent_side, native_size = 128, "1024x1024 px, the edit pipelines' size"
     size_from_source: ClassVar[int] = 0  # which source gives the default output size
 
+    def encode(self, pipeline, prompts, device, max_sequence_length=None):
+        raise ValueError(
+            f"{self.pipeline_class} encodes an instruction together with its source images: edit with "
+            f"twinflow generate --image (TextToImage.generate(images=...)); prompts alone cannot be encoded"
+        )
+
+    def encode_null(self, pipeline, device, max_sequence_length=None):
+        return self.encode(pipeline, [self.null_prompt], device, max_sequence_length)
+
     def extra_parts(self, folder, can_encode):
         return {"processor": None}  # transformers' Qwen2VLProcessor needs torchvision to load
 
