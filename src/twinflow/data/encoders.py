@@ -226,7 +226,7 @@ class EditEncoder:
         if sources.ndim != 5 or sources.shape[0] != len(captions):
             raise ValueError(f"edit sources must be (B, N, 3, H, W) with B = {len(captions)}, got {tuple(sources.shape)}")
         family, pipeline, device = self.family, self.pipeline, _pipeline_device(self.pipeline)
-        family.check_sources(list(range(sources.shape[1])))
+        family.check_sources(sources.shape[1])
         rows: dict[str, list[Tensor]] = {}
         for caption, item in zip(captions, sources):
             images = pipeline.image_processor.postprocess(item, output_type="pil")  # as generation gets them

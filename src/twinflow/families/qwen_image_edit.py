@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from twinflow.families.latents import LatentNormalisation
 from twinflow.families.prompts import EMBEDS, MASK, pad_rows
 from twinflow.families.qwen_image import QwenImageFamily
 
@@ -143,17 +144,18 @@ class QwenImageEditFamily(QwenImageFamily):
         multiple = int(pipeline.vae_scale_factor) * 2
         return width // multiple * multiple, height // multiple * multiple
 
-    def check_sources(self, sources: list[Any]) -> None:
-        if not sources:
+    def check_sources(self, count: int) -> None:
+        """Refuse an edit with no source image, or with more than the pipeline takes."""
+        if count < 1:
             raise ValueError(f"an edit with {self.pipeline_class} needs a source image (--image)")
-        if len(sources) > self.max_sources:
-            raise ValueError(f"{self.pipeline_class} takes at most {self.max_sources} source image(s), got {len(sources)}")
+        if count > self.max_sources:
+            raise ValueError(f"{self.pipeline_class} takes at most {self.max_sources} source image(s), got {count}")
 
     def prepare_sources(self, pipeline: Any, sources: list[Any], area: int | None = None) -> tuple[list[Any], list[Tensor]]:
         """Source images (PIL) -> the vision-language inputs of :meth:`encode_edit` and the VAE
         inputs of :meth:`encode_sources` (each (1, 3, H, W) in [-1, 1]), resized by the pipeline's
         own image processor as its ``__call__`` does."""
-        self.check_sources(sources)
+        self.check_sources(len(sources))
         processor = pipeline.image_processor
         sizes = [self.source_size(*source.size, area) for source in sources]
         pixels = [processor.preprocess(source, height, width) for source, (width, height) in zip(sources, sizes)]
@@ -188,10 +190,15 @@ class QwenImageEditFamily(QwenImageFamily):
         the VAE's posterior mode, normalised as the pipeline's ``_encode_vae_image`` does (in
         ``dtype``, default the VAE's)."""
         from twinflow.adapters.qwen_image import SOURCE_KEYS
-        from twinflow.data.encoders import VaeEncoder
 
-        encoder = VaeEncoder(pipeline.vae, dtype=pipeline.vae.dtype if dtype is None else dtype)
-        return {key: encoder(source) for key, source in zip(SOURCE_KEYS, pixels, strict=False)}
+        vae = pipeline.vae
+        normalisation = LatentNormalisation(vae.config)
+        latents = {}
+        for key, source in zip(SOURCE_KEYS, pixels, strict=False):
+            # A video VAE: one frame in, its axis dropped again.
+            mode = vae.encode(source.to(vae.device, vae.dtype).unsqueeze(2)).latent_dist.mode().squeeze(2)
+            latents[key] = normalisation.normalize(mode.float()).to(vae.dtype if dtype is None else dtype)
+        return latents
 
 
 class QwenImageEditPlusFamily(QwenImageEditFamily):

@@ -74,7 +74,7 @@ def cache_from_pipeline(
             f"not an edit pipeline"
         )
     if family.edits:
-        family.check_sources(list(range(data.source_count)))
+        family.check_sources(data.source_count)
         encode_prompts, null_prompt = EditEncoder(loaded.pipeline), None  # each item's null: with its sources
     else:
         # The family's null prompt ("Generate an image." for Qwen-Image and SD3, as the reference) and
