@@ -28,7 +28,7 @@ from tiny_text_to_image import TINY, write_captioned_images, write_tiny_cache  #
 
 from twinflow.adapters import build_adapter  # noqa: E402
 from twinflow.cli import main  # noqa: E402
-from twinflow.testing import BUILDERS, build_tiny_folder  # noqa: E402
+from twinflow.testing import ADAPTER_FAMILIES, BUILDERS, build_tiny_folder  # noqa: E402
 from twinflow.train.checkpoint import checkpoint_folder  # noqa: E402
 from twinflow.train.config import load_config  # noqa: E402
 from twinflow.train.loop import train  # noqa: E402
@@ -54,11 +54,15 @@ def _inputs(family: str):
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_declared_gradient_free_modules_are_exactly_those_without_gradient(family):
+    """Every tiny builder, the edit pipelines' transformers (Edit-2511: zero_cond_t) with a source image too."""
     torch.manual_seed(0)
+    adapter_family = ADAPTER_FAMILIES.get(family, family)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adapter = build_adapter(family, BUILDERS[family](False)["transformer"])
-    x, condition = _inputs(family)
+        adapter = build_adapter(adapter_family, BUILDERS[family](False)["transformer"])
+    x, condition = _inputs(adapter_family)
+    if adapter_family != family:  # an edit: the source's latents join the sequence
+        condition["image_latents"] = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():  # a second embedding that differs from the first: every path carries signal
         for parameter in adapter.second_embedding.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
@@ -68,7 +72,7 @@ def test_declared_gradient_free_modules_are_exactly_those_without_gradient(famil
     declared = {name for module in adapter.modules_without_gradient()
                 for name, _ in adapter.get_submodule(module).named_parameters(prefix=module)}
     assert without == declared
-    assert bool(declared) == (family in ("qwen_image", "sd3"))
+    assert bool(declared) == (adapter_family in ("qwen_image", "sd3"))
 
 
 # ---- DDP LoRA with to_add_out: 2 processes, 4 samples each ------------------------------------

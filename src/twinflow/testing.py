@@ -133,7 +133,9 @@ def _qwen_image(text_encoder: bool, *, vision_tokens: bool = False, zero_cond_t:
     }
     tokenizer = tiny_tokenizer(2048, specials=VISION_TOKENS if vision_tokens else ()) if text_encoder else None
     # Without vision tokens the image ids are unused; with them they must be the tokenizer's.
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS] if vision_tokens else [VOCAB - k for k in (3, 4, 1, 2)]
+    ids = [VOCAB - k for k in (3, 4, 1, 2)]
+    if vision_tokens and tokenizer is not None:
+        ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS]
 
     def build():
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
