@@ -12,6 +12,7 @@ files and safetensors weights only, never code or pickles — and then read like
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,31 +25,55 @@ from twinflow.families import PIPELINE_FAMILIES, Family
 
 __all__ = [
     "LoadedPipeline", "check_folder", "check_image_size", "folder_family", "load_pipeline", "resolve_model_folder",
+    "split_hub_id",
 ]
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9_.][A-Za-z0-9_. -]*)*$")
+"""``owner/name``, or ``owner/name/path/inside/repo`` for a pipeline in a sub-folder (as the
+released ``inclusionAI/TwinFlow/TwinFlow-Qwen-Image-v1.0/TwinFlow-Qwen-Image``)."""
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "tokenizer*", "merges.txt", "vocab*"]
 """What is fetched from the hub: configs, tokenizers and safetensors weights (no ``.bin``/``.pt``, no ``.py``)."""
+
+
+def split_hub_id(model: str) -> tuple[str, str]:
+    """``(repository, sub-folder)`` of a hub id; the sub-folder is ``""`` for the repository's root."""
+    owner, name, *inside = model.strip("/").split("/")
+    return f"{owner}/{name}", "/".join(inside)
 
 
 def resolve_model_folder(model: str | Path) -> Path:
     """A local folder for ``model``: an existing path as is, else a hub id downloaded once.
 
-    Only an argument that is not an existing path and looks like ``owner/name`` goes to the
-    hub (``huggingface_hub.snapshot_download``, files in :data:`HUB_FILES`); tests and CI
-    always pass folders.
+    Only an argument that is not an existing path and looks like ``owner/name`` or
+    ``owner/name/sub/folder`` goes to the hub (``huggingface_hub.snapshot_download``): the files
+    of :data:`HUB_FILES` in that sub-folder only. ``HF_HUB_OFFLINE=1`` reads the local hub cache
+    (``HF_HUB_CACHE``, else huggingface_hub's default) without any network call. Tests and CI
+    pass folders, or an offline cache.
     """
     path = Path(model)
     if path.exists() or not HUB_ID.match(str(model)):
         return path
     from huggingface_hub import snapshot_download
 
+    repository, inside = split_hub_id(str(model))
+    patterns = [f"{inside}/{pattern}" for pattern in HUB_FILES] if inside else HUB_FILES
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(str(model), allow_patterns=HUB_FILES))
-    except Exception as error:  # offline, unknown repository, gated model: say which
+        root = Path(snapshot_download(
+            repository, allow_patterns=patterns, local_files_only=offline, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        ))
+    except Exception as error:  # offline without a cached copy, unknown repository, gated model: say which
+        where = "the local hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub"
         raise FileNotFoundError(
-            f"{model!r} is neither a local folder nor a downloadable hub model ({type(error).__name__}: {error})"
+            f"{model!r} is neither a local folder nor a hub model: repository {repository!r} was not found in "
+            f"{where} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
         ) from error
+    folder = root / inside if inside else root
+    if not folder.is_dir():
+        present = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+        raise FileNotFoundError(f"hub repository {repository!r} has no sub-folder {inside!r} (its folders: {present})")
+    return folder
+
 
 MODEL_PARTS = ("transformer", "vae")  # always needed to generate
 
@@ -58,7 +83,11 @@ def _model_index(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no model folder at {folder}")
     index = folder / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
+        # A repository of several pipelines (the released TwinFlow ones): name those inside.
+        inside = sorted(str(found.parent.relative_to(folder)) for found in folder.glob("*/model_index.json"))
+        inside += sorted(str(found.parent.relative_to(folder)) for found in folder.glob("*/*/model_index.json"))
+        hint = f"; pipelines inside it: {inside} (append one to the path or hub id)" if inside else ""
+        raise FileNotFoundError(f"{folder} has no model_index.json: not a diffusers pipeline folder{hint}")
     return json.loads(index.read_text())
 
 

@@ -28,7 +28,7 @@ from twinflow.devices import resolve_device, resolve_dtype
 from twinflow.families import Family
 from twinflow.generation.edits import EditSources, open_source
 from twinflow.generation.embeddings import PromptEmbeddings, concatenate_conditions, load_embeddings, select_rows
-from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline
+from twinflow.generation.loading import MODEL_PARTS, check_folder, folder_family, load_pipeline, resolve_model_folder
 from twinflow.sampler import SamplerConfig, resolve_sampler, sample
 
 __all__ = ["GenerationResult", "PromptEncoder", "TextToImage"]
@@ -169,7 +169,7 @@ class TextToImage:
             max_sequence_length: the prompt encoding's token limit (``None``: the family's, else
                 the pipeline's); a model generates best with the limit its training cache used.
         """
-        folder = Path(folder)
+        folder = resolve_model_folder(folder)  # a folder, or a hub id (owner/name[/sub/folder])
         family = folder_family(folder)
         check_folder(folder, MODEL_PARTS)
         loaded_dtype = resolve_dtype(dtype, resolve_device(device))
