@@ -92,6 +92,8 @@ def _add_generate_command(commands) -> None:
     generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Qwen-Image-Edit, Z-Image, SD3, Flux, Sana), or a hub id (owner/name) fetched once when online")
     _add_prompt_arguments(generate)
     generate.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA export (twinflow export of a LoRA run) to apply to --model")
+    generate.add_argument("--extra-weights", type=Path, metavar="FILE",
+                          help="a safetensors file of TwinFlow's second time embedding (a patch file) for a plain base --model")
     generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
     generate.add_argument("--preset", default="2nfe", help="sampler preset or spec: 1nfe, 2nfe, 4nfe, any, multi, multi:steps=50")
     generate.add_argument("--sampler", dest="sampler_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -330,6 +332,8 @@ def command_generate(arguments: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {arguments.out} is a file; give a folder for the PNG files")
     if arguments.embeddings is not None and not arguments.embeddings.is_file():
         raise FileNotFoundError(f"--embeddings {arguments.embeddings} does not exist")
+    if arguments.extra_weights is not None and not arguments.extra_weights.exists():
+        raise FileNotFoundError(f"--extra-weights {arguments.extra_weights} does not exist")
     resolve_dtype(arguments.dtype, resolve_device(arguments.device))
     for image in arguments.images:
         if not image.is_file():
@@ -338,7 +342,7 @@ def command_generate(arguments: argparse.Namespace) -> None:
         check_image_size(arguments.model, *arguments.size)
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
-        load_text_encoder=arguments.embeddings is None, lora=arguments.lora,
+        load_text_encoder=arguments.embeddings is None, lora=arguments.lora, extra_weights=arguments.extra_weights,
         max_sequence_length=arguments.max_sequence_length,
     )
     width, height = arguments.size or (None, None)

@@ -84,6 +84,7 @@ def load_adapter(
     single_time_embedding: bool | None = None,
     z_image_zero_time: str = "auto",
     weights: bool = True,
+    extra_weights: str | Path | None = None,
     **from_pretrained: Any,
 ) -> TransformerAdapter:
     """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
@@ -101,6 +102,12 @@ def load_adapter(
     ``reference`` when the folder holds ``t_embedder_2`` (a released TwinFlow checkpoint, read
     bitwise as the reference code does) and ``data`` when it does not (a base model, trained
     here). ``reference`` / ``data`` for another family is a ``ValueError``.
+
+    ``extra_weights``: a separate safetensors file (or folder) of trained ``emb_2`` weights to
+    use instead of any the folder holds: a TwinFlow "patch" file on a plain base model
+    (:mod:`twinflow.adapters.weights`, wrapped key names included). For Z-Image, ``auto`` then
+    reads ``r = 0`` as the file's ``twinflow_zero_time`` metadata says (files exported here),
+    else as the reference does (released patches).
 
     ``weights=False`` builds the same adapter on the meta device from ``config.json`` alone (the
     class's ``from_config``; ``dtype`` in ``from_pretrained`` is applied): no weight is read or
@@ -133,9 +140,30 @@ def load_adapter(
     # use_safetensors=True: diffusers would otherwise fall back to a pickled .bin next to them
     transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **{**from_pretrained, "use_safetensors": True})
     if single_time_embedding:
+        if extra_weights is not None:
+            raise ValueError(f"{folder} is a single-time-embedding model (twinflow.json): it takes no extra weights")
         return build_adapter(family, transformer, single_time_embedding=True, **options)
+    if extra_weights is not None:
+        if options.get("zero_time") == "auto":
+            options["zero_time"] = _file_zero_time(extra_weights)
+        return build_adapter(family, transformer, extra_weights=extra_weights, **options)
     extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")
     return build_adapter(family, transformer, extra_weights=extra or None, **options)
+
+
+def _file_zero_time(source: str | Path) -> str:
+    """Z-Image's ``r = 0`` reading recorded in an extra-weights file (``twinflow_zero_time``
+    metadata of this project's exports), else ``auto`` (trained weights: the reference's)."""
+    from safetensors import safe_open
+
+    from twinflow.adapters.weights import weight_files
+
+    for file in weight_files(source):
+        with safe_open(str(file), framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("twinflow_zero_time")
+            if recorded:
+                return recorded
+    return "auto"
 
 
 def _meta_adapter(folder: Path, class_name: str, family: str, single: bool, options: dict, dtype: Any) -> TransformerAdapter:

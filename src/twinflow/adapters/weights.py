@@ -6,6 +6,11 @@ A source is a safetensors file (a separate file of extra weights, or one holding
 transformer), a folder of safetensors files (a diffusers transformer folder, sharded or not, as
 the released TwinFlow checkpoints are), a diffusers pipeline folder (its ``transformer/``
 subfolder is read), or a state dict.
+
+Separate files as users have them (the "patch" files of ComfyUI's TwinFlow nodes, pipeline-level
+exports) may carry the names under a wrapper (:data:`WRAPPER_PREFIXES`):
+``transformer.time_text_embed_2.*`` (Qwen-Image), ``extended_weights.t_embedder_2.*`` (Z-Image),
+``transformer.time_embed_2.*`` (Sana), ...; they load as the bare names do.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ from torch import Tensor
 
 from twinflow.adapters.base import TransformerAdapter
 
-__all__ = ["extra_state_dict", "find_extra_weights", "load_extra_weights", "save_extra_weights", "weight_files"]
+__all__ = [
+    "WRAPPER_PREFIXES", "extra_state_dict", "find_extra_weights", "load_extra_weights", "released_name", "save_extra_weights",
+    "weight_files",
+]
 
 SUFFIX = ".safetensors"
+
+WRAPPER_PREFIXES = ("transformer.", "extended_weights.")
+"""Prefixes a separate file of extra weights may put before every family's released names."""
 
 
 def extra_state_dict(adapter: TransformerAdapter) -> dict[str, Tensor]:
@@ -40,7 +51,10 @@ def save_extra_weights(adapter: TransformerAdapter, path: str | Path) -> Path:
         raise ValueError(f"extra weights are saved as safetensors; the file name must end in {SUFFIX}, got {path}")
     tensors = {key: value.detach().cpu().contiguous() for key, value in extra_state_dict(adapter).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "twinflow_family": adapter.family})
+    metadata = {"format": "pt", "twinflow_family": adapter.family}
+    if adapter.time_convention.reversed:  # Z-Image: where r = 0 lands belongs to the weights
+        metadata["twinflow_zero_time"] = adapter.time_convention.zero_time
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -61,22 +75,34 @@ def weight_files(source: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no such file or folder: {path}")
 
 
+def released_name(name: str, prefix: str) -> str | None:
+    """``name`` as the released ``prefix.*`` name (a :data:`WRAPPER_PREFIXES` wrapper removed), or
+    None when it is not one of ``emb_2``'s tensors."""
+    for wrapper in ("", *WRAPPER_PREFIXES):
+        if name.startswith(f"{wrapper}{prefix}."):
+            return name[len(wrapper):]
+    return None
+
+
 def _read(files: list[Path], prefix: str) -> tuple[dict[str, Tensor], list[str]]:
-    """The tensors named ``prefix.*`` in ``files`` and the names of all their tensors.
+    """The tensors of ``emb_2`` (``prefix.*``, wrapped or not) in ``files``, under their released
+    names, and the names of all other tensors.
 
     Only the headers and the matching tensors are read, never a whole 20B checkpoint.
     """
     tensors: dict[str, Tensor] = {}
-    names: list[str] = []
+    others: list[str] = []
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
-                names.append(name)
-                if name.startswith(prefix + "."):
-                    if name in tensors:
-                        raise ValueError(f"{name} appears in more than one of {[str(f) for f in files]}")
-                    tensors[name] = handle.get_tensor(name)
-    return tensors, names
+                released = released_name(name, prefix)
+                if released is None:
+                    others.append(name)
+                    continue
+                if released in tensors:
+                    raise ValueError(f"{released} appears more than once in {[str(f) for f in files]}")
+                tensors[released] = handle.get_tensor(name)
+    return tensors, others
 
 
 def find_extra_weights(source: str | Path, prefix: str) -> dict[str, Tensor]:
@@ -87,20 +113,26 @@ def find_extra_weights(source: str | Path, prefix: str) -> dict[str, Tensor]:
 def load_extra_weights(adapter: TransformerAdapter, source: str | Path | Mapping[str, Tensor]) -> None:
     """Copy trained ``emb_2`` weights into the adapter from a source (see the module notes).
 
-    The source must hold exactly ``emb_2``'s keys under the released prefix; it may also hold
-    the transformer's own weights, which are ignored. Missing keys, and keys that are neither,
+    The source must hold exactly ``emb_2``'s keys under the released prefix (or a wrapper of
+    :data:`WRAPPER_PREFIXES` before it); it may also hold the transformer's own weights, which
+    are ignored. Missing keys, and keys that are neither,
     raise a ``ValueError`` that lists them.
     """
     prefix = adapter.second_embedding_name
     if isinstance(source, Mapping):
-        names = list(source)
-        tensors = {name: value for name, value in source.items() if name.startswith(prefix + ".")}
+        tensors, others = {}, []
+        for name, value in source.items():
+            released = released_name(name, prefix)
+            if released is None:
+                others.append(name)
+            else:
+                tensors[released] = value
     else:
-        tensors, names = _read(weight_files(source), prefix)
+        tensors, others = _read(weight_files(source), prefix)
     expected = set(extra_state_dict(adapter))
     own = set(adapter.transformer.state_dict()) - expected
     missing = sorted(expected - set(tensors))
-    unexpected = sorted((set(tensors) - expected) | (set(names) - set(tensors) - own))
+    unexpected = sorted((set(tensors) - expected) | (set(others) - own))
     if missing or unexpected:
         where = "the state dict" if isinstance(source, Mapping) else str(source)
         raise ValueError(
