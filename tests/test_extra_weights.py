@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 pytest.importorskip("diffusers")
@@ -19,7 +20,6 @@ pytest.importorskip("diffusers")
 from twinflow.adapters import ADAPTERS, load_adapter  # noqa: E402
 from twinflow.adapters.weights import WRAPPER_PREFIXES, extra_state_dict  # noqa: E402
 from twinflow.cli import main  # noqa: E402
-from twinflow.generation import TextToImage  # noqa: E402
 from twinflow.testing import build_tiny_folder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -81,9 +81,65 @@ def test_generate_with_a_patch_file_equals_the_released_folder(family, wrapper, 
                                             "--out", tmp_path / "patched")]) == 0
         assert main([str(item) for item in ("generate", "--model", folders[family, "released"], *common,
                                             "--out", tmp_path / "released")]) == 0
-    from PIL import Image
-
     patched, released = (np.asarray(Image.open(tmp_path / name / "0_4.png")) for name in ("patched", "released"))
     assert np.array_equal(patched, released)
-    with pytest.raises(ValueError, match="give lora or extra_weights, not both"):
-        TextToImage.from_pretrained(folders[family], extra_weights=patch, lora=tmp_path, device="cpu")
+
+
+def _train(base, cache, run, *overrides):
+    from tiny_text_to_image import TINY
+
+    sets = [f"model.path={base / 'transformer'}", f"data.root={cache}", "training.learning_rate=1e-2", "phases.0.steps=2",
+            *overrides]
+    assert _cli("train", "--config", TINY, "--out", run, *[item for value in sets for item in ("--set", value)]) == 0
+
+
+def _cli(*arguments) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main([str(argument) for argument in arguments])
+
+
+def test_the_comfyui_export_round_trips_through_extra_weights(folders, tmp_path, capsys):
+    """``export --format comfyui``: the patch holds the checkpoint's emb_2 under the names ComfyUI's
+    patcher reads, the LoRA file is diffusers' format; both load back (``--extra-weights``, ``--lora
+    FILE``) to the images of the diffusers-format export."""
+    from safetensors import safe_open
+    from tiny_text_to_image import LORA, write_captioned_images
+
+    from twinflow.train.export import comfyui_files
+
+    images = write_captioned_images(tmp_path / "images", 4, (16, 16))
+    common = ("--prompt", "a red fox", "--size", "16x16", "--preset", "2nfe", "--seed", 4, "--device", "cpu")
+    for family, overrides in (("qwen_image", (LORA,)), ("z_image", ())):  # a LoRA run, a full-parameter run
+        base, cache, run = folders[family], tmp_path / f"cache_{family}", tmp_path / f"run_{family}"
+        assert _cli("cache", "--model", base, "--data", images, "--size", 16, "--out", cache, "--device", "cpu") == 0
+        _train(base, cache, run, *overrides)
+        comfy, reference = tmp_path / f"comfy_{family}", tmp_path / f"diffusers_{family}"
+        capsys.readouterr()
+        assert _cli("export", "--checkpoint", run, "--out", comfy, "--format", "comfyui", "--ema", "--dtype", "bf16") == 0
+        printed = capsys.readouterr().out
+        assert _cli("export", "--checkpoint", run, "--out", reference, "--ema") == 0
+        patch, lora = comfyui_files(comfy, family)
+        prefix = "time_text_embed_2." if family == "qwen_image" else "t_embedder_2."
+        with safe_open(str(patch), framework="pt") as handle:
+            assert handle.keys() and all(key.startswith(prefix) for key in handle.keys())
+            assert {str(handle.get_tensor(key).dtype) for key in handle.keys()} == {"torch.bfloat16"}
+        assert lora.is_file() == (family == "qwen_image")
+        if family == "qwen_image":
+            with safe_open(str(lora), framework="pt") as handle:
+                assert all(key.startswith("transformer.") and ".lora_" in key for key in handle.keys())
+            ours = ("--model", base, "--lora", lora, "--extra-weights", patch)
+            theirs = ("--model", base, "--lora", reference)
+        else:
+            assert "reads r = 0 as the data end" in printed  # trained here: the "data" reading, recorded
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert load_adapter(base, extra_weights=patch).time_convention.zero_time == "data"
+            ours = ("--model", reference, "--extra-weights", patch)  # the trained transformer, its emb_2 from the patch
+            theirs = ("--model", reference)
+        for name, model in (("ours", ours), ("theirs", theirs)):
+            assert _cli("generate", *model, *common, "--out", tmp_path / f"{family}_{name}") == 0
+        got, expected = (np.asarray(Image.open(tmp_path / f"{family}_{name}" / "0_4.png"), dtype=np.int16) for name in ("ours", "theirs"))
+        assert np.abs(got - expected).max() <= 2, family  # the patch in bf16: within rounding of the fp32 export
+    assert _cli("export", "--checkpoint", run, "--out", tmp_path / "x", "--format", "comfyui", "--merge-lora") == 2
+    assert not (tmp_path / "x").exists()

@@ -91,7 +91,7 @@ def _add_generate_command(commands) -> None:
     generate = commands.add_parser("generate", help="text-to-image (or image editing) with a TwinFlow diffusers model folder (PNG files)")
     generate.add_argument("--model", required=True, help="a diffusers pipeline folder (Qwen-Image, Qwen-Image-Edit, Z-Image, SD3, Flux, Sana), or a hub id (owner/name) fetched once when online")
     _add_prompt_arguments(generate)
-    generate.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA export (twinflow export of a LoRA run) to apply to --model")
+    generate.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA export (twinflow export of a LoRA run), or a diffusers-format LoRA file, to apply to --model")
     generate.add_argument("--extra-weights", type=Path, metavar="FILE",
                           help="a safetensors file of TwinFlow's second time embedding (a patch file) for a plain base --model")
     generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
@@ -142,6 +142,8 @@ def _add_export_command(commands) -> None:
     export.add_argument("--merge-lora", action="store_true", help="merge a LoRA run into the base weights: a full folder")
     export.add_argument("--link", action="store_true", help="hard-link the pipeline's other parts instead of copying them")
     export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the written transformer weights")
+    export.add_argument("--format", dest="export_format", choices=["diffusers", "comfyui"], default="diffusers",
+                        help="diffusers folders / LoRA files, or the patch (and LoRA) files of ComfyUI's TwinFlow nodes")
 
 
 def _add_encode_command(commands) -> None:
@@ -384,8 +386,19 @@ def command_export(arguments: argparse.Namespace) -> None:
     out = export_diffusers(
         arguments.checkpoint, arguments.out, use_ema=arguments.ema, pipeline=arguments.pipeline,
         merge_lora=arguments.merge_lora, link_parts=arguments.link, dtype=arguments.dtype,
+        export_format=arguments.export_format,
     )
-    if (out / LORA_WEIGHTS_FILE).is_file():
+    if arguments.export_format == "comfyui":
+        files = sorted(str(path.relative_to(out)) for path in out.rglob("*.safetensors"))
+        print(f"ComfyUI files in {out}: {files} (copy them into ComfyUI/models/; use the TwinFlow Model Patcher "
+              f"node; here: twinflow generate --model BASE --extra-weights {out}/{files[0]})")
+        from twinflow.adapters import ZERO_TIME_KEY, read_export_metadata
+
+        zero_time = read_export_metadata(out).get(ZERO_TIME_KEY)
+        if zero_time == "data":
+            print("note: this Z-Image model reads r = 0 as the data end (README, departure 5); ComfyUI's nodes read it "
+                  "as the reference does, which changes the one-step target there")
+    elif (out / LORA_WEIGHTS_FILE).is_file():
         print(f"LoRA adapter: {out} (use: twinflow generate --model BASE --lora {out})")
     elif (out / "model_index.json").is_file():
         print(f"pipeline folder: {out} (use: twinflow generate --model {out})")

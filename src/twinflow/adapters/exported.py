@@ -82,33 +82,45 @@ def check_lora_file(path: Path) -> None:
 
 
 def load_lora_export(
-    base: str | Path, export: str | Path, *, z_image_zero_time: str = "auto", **from_pretrained: Any
+    base: str | Path, export: str | Path, *, z_image_zero_time: str = "auto", extra_weights: str | Path | None = None,
+    **from_pretrained: Any,
 ) -> TransformerAdapter:
     """The adapter of the pretrained folder ``base`` (a transformer or pipeline folder) with a
-    LoRA export on it: the PEFT adapter ``default`` (active) and the exported ``emb_2``. An export
-    without ``emb_2`` comes from a single-time-embedding run and gives that adapter. A Z-Image
-    model reads ``r = 0`` as the export's ``twinflow.json`` records, unless ``z_image_zero_time``
-    (``reference`` / ``data``) says otherwise.
+    LoRA on it: the PEFT adapter ``default`` (active) and the trained ``emb_2``.
+
+    ``export`` is a LoRA export of ``twinflow export`` (a folder: the LoRA file and ``emb_2``; one
+    without ``emb_2`` comes from a single-time-embedding run and gives that adapter), or a LoRA
+    file in diffusers' format (``transformer.<module>.lora_A.weight``, as ``--format comfyui``
+    writes it). ``extra_weights``: a patch file of ``emb_2`` (any layout of
+    :mod:`twinflow.adapters.weights`) used instead of the export's; with a bare LoRA file and no
+    patch, ``base``'s own extra weights are used, as :func:`~twinflow.adapters.load_adapter` finds
+    them. A Z-Image model reads ``r = 0`` as the export's ``twinflow.json`` (or the patch's
+    metadata) records, unless ``z_image_zero_time`` (``reference`` / ``data``) says otherwise.
     ``from_pretrained`` goes to the transformer's ``from_pretrained`` (``dtype``, ...)."""
     from twinflow.adapters.registry import load_adapter
     from twinflow.adapters.weights import load_extra_weights
 
     export = Path(export)
-    if not (export / LORA_WEIGHTS_FILE).is_file():
+    lora_file = export if export.is_file() else export / LORA_WEIGHTS_FILE
+    if not lora_file.is_file():
         raise FileNotFoundError(f"{export} is not a LoRA export: it has no {LORA_WEIGHTS_FILE}")
-    check_lora_file(export / LORA_WEIGHTS_FILE)
-    extra = export / EXTRA_WEIGHTS_FILE
-    if z_image_zero_time == "auto":
-        metadata = read_export_metadata(export)
-        z_image_zero_time = recorded_zero_time(metadata, metadata.get("family"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten just below
-        adapter = load_adapter(
-            base, single_time_embedding=not extra.is_file(), z_image_zero_time=z_image_zero_time, **from_pretrained
-        )
-    if extra.is_file():
-        load_extra_weights(adapter, extra)
+    check_lora_file(lora_file)
+    if export.is_file() or extra_weights is not None:
+        # emb_2 from the patch file; a bare LoRA file without one: from the base folder
+        adapter = load_adapter(base, extra_weights=extra_weights, z_image_zero_time=z_image_zero_time, **from_pretrained)
+    else:
+        extra = export / EXTRA_WEIGHTS_FILE
+        if z_image_zero_time == "auto":
+            metadata = read_export_metadata(export)
+            z_image_zero_time = recorded_zero_time(metadata, metadata.get("family"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # emb_2 is copy-initialised, then overwritten just below
+            adapter = load_adapter(
+                base, single_time_embedding=not extra.is_file(), z_image_zero_time=z_image_zero_time, **from_pretrained
+            )
+        if extra.is_file():
+            load_extra_weights(adapter, extra)
     adapter.transformer.load_lora_adapter(
-        str(export), prefix="transformer", weight_name=LORA_WEIGHTS_FILE, adapter_name=LORA_ADAPTER_NAME
+        str(lora_file.parent), prefix="transformer", weight_name=lora_file.name, adapter_name=LORA_ADAPTER_NAME
     )
     return adapter

@@ -166,11 +166,12 @@ class TextToImage:
             load_text_encoder: ``False`` never loads the text encoder(s): generate from
                 precomputed embeddings (small GPUs; folders without a text encoder).
             lora: a LoRA export of ``twinflow export`` (``pytorch_lora_weights.safetensors``
-                and the trained second time embedding) to apply to the folder's transformer.
+                and the trained second time embedding), or a LoRA file in diffusers' format, to
+                apply to the folder's transformer.
             extra_weights: a safetensors file of TwinFlow's second time embedding (a "patch"
                 file: ``time_text_embed_2.*``, ``transformer.time_text_embed_2.*``,
                 ``t_embedder_2.*``, ``extended_weights.t_embedder_2.*``, ...) for a plain base
-                pipeline; it replaces any the folder holds.
+                pipeline; it replaces any the folder (or the LoRA export) holds.
             max_sequence_length: the prompt encoding's token limit (``None``: the family's, else
                 the pipeline's); a model generates best with the limit its training cache used.
         """
@@ -179,12 +180,10 @@ class TextToImage:
         check_folder(folder, MODEL_PARTS)
         loaded_dtype = resolve_dtype(dtype, resolve_device(device))
         loading = {"dtype": loaded_dtype, "local_files_only": True, "use_safetensors": True}
-        if lora is not None and extra_weights is not None:
-            raise ValueError("a LoRA export carries its own extra weights: give lora or extra_weights, not both")
         if lora is None:
             adapter = load_adapter(folder, extra_weights=extra_weights, **loading)
         else:
-            adapter = load_lora_export(folder, lora, **loading)
+            adapter = load_lora_export(folder, lora, extra_weights=extra_weights, **loading)
         if adapter.family != family.name:
             raise ValueError(
                 f"{folder}: the pipeline is {family.pipeline_class} but transformer/ holds a {adapter.family} model"

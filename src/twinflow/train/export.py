@@ -16,6 +16,14 @@ pretrained folder it was trained from), loads the trained (or EMA) weights and w
   ``twinflow generate --model BASE --lora OUT``; or with ``merge_lora`` the LoRA merged into the
   base weights, written as a full folder as above.
 
+With ``export_format="comfyui"`` the export is laid out for ComfyUI's TwinFlow nodes instead
+(ComfyUI-TwinFlow's "TwinFlow Model Patcher"; Qwen-Image and Z-Image, the families they patch):
+``diffusion_models/twinflow_<family>_patch.safetensors`` holds the trained ``emb_2`` under the
+key names the patcher reads (``time_text_embed_2.*``, ``t_embedder_2.*``: the released ones), and
+a LoRA run adds ``loras/twinflow_<family>_lora.safetensors`` in diffusers' LoRA format, which
+ComfyUI's LoRA loader reads. ``twinflow generate --model BASE --extra-weights PATCH [--lora LORA]``
+loads the same files. A full-parameter run's transformer itself goes out in diffusers' format.
+
 Every transformer folder gets ``twinflow.json`` (where the weights came from; how the model reads
 time: whether it uses the single time embedding and, for Z-Image, where ``r = 0`` lands on its
 reversed clock, as the checkpoint's ``architecture`` recorded it). The export is written beside
@@ -46,9 +54,22 @@ from twinflow.train.backbone import model_from_architecture
 from twinflow.train.lora import EMA, TRAINED, load_model_weights
 from twinflow.train.lora import merge_lora as merge_into_base  # the name merge_lora is export's argument
 
-__all__ = ["EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "export_diffusers", "load_lora_export", "pipeline_folder_of"]
+__all__ = [
+    "COMFYUI_FAMILIES", "EXPORT_FORMATS", "EXTRA_WEIGHTS_FILE", "LORA_WEIGHTS_FILE", "comfyui_files", "export_diffusers",
+    "load_lora_export", "pipeline_folder_of",
+]
 
 TRANSFORMER = "transformer"
+EXPORT_FORMATS = ("diffusers", "comfyui")
+COMFYUI_FAMILIES = ("qwen_image", "z_image")
+"""The families ComfyUI's TwinFlow nodes patch (they find ``time_text_embed`` or ``t_embedder``)."""
+
+
+def comfyui_files(out_dir: str | Path, family: str) -> tuple[Path, Path]:
+    """``(patch, lora)``: where a ComfyUI export puts the ``emb_2`` patch and the LoRA file."""
+    out_dir = Path(out_dir)
+    return (out_dir / "diffusion_models" / f"twinflow_{family}_patch.safetensors",
+            out_dir / "loras" / f"twinflow_{family}_lora.safetensors")
 
 
 def export_diffusers(
@@ -59,6 +80,7 @@ def export_diffusers(
     merge_lora: bool = False,
     link_parts: bool = False,
     dtype: str = "fp32",
+    export_format: str = "diffusers",
 ) -> Path:
     """Write the model of ``checkpoint`` (a checkpoint folder, or a run folder: its newest) to
     ``out_dir`` (see the module notes); returns ``out_dir``.
@@ -75,9 +97,13 @@ def export_diffusers(
         dtype: ``fp32`` or ``bf16``, the dtype of the written transformer weights (``bf16``
             halves the files, as the released checkpoints are stored; merging always runs in
             float32 first). A LoRA file keeps the adapters' float32.
+        export_format: ``diffusers``, or ``comfyui`` (the patch and LoRA files of ComfyUI's
+            TwinFlow nodes, see the module notes; the patch in ``dtype``).
     """
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(WEIGHT_DTYPES)}, got {dtype!r}")
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {export_format!r}")
     stored = load_checkpoint(checkpoint, full=False)
     architecture = stored.state["architecture"]
     if architecture["name"] != "diffusers":
@@ -94,6 +120,12 @@ def export_diffusers(
 
     if lora and not merge_lora and pipeline is not None:
         raise ValueError("an unmerged LoRA export holds the adapter only; use merge_lora=True for a full pipeline folder")
+    if export_format == "comfyui":
+        family = architecture.get("family")
+        if family not in COMFYUI_FAMILIES:
+            raise ValueError(f"--format comfyui: ComfyUI's TwinFlow nodes patch {list(COMFYUI_FAMILIES)} models, not {family}")
+        if merge_lora or pipeline is not None:
+            raise ValueError("--format comfyui writes the patch (and LoRA) files only: it takes no --merge-lora or --pipeline")
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted export left
@@ -103,8 +135,11 @@ def export_diffusers(
         "weights": "ema" if use_ema else "model", "family": architecture.get("family"),
     }
     try:
-        adapter = _trained_adapter(stored, architecture, use_ema, merged_or_full=not lora or merge_lora)
-        if lora and not merge_lora:
+        adapter = _trained_adapter(stored, architecture, use_ema, merged_or_full=(not lora or merge_lora) and export_format != "comfyui")
+        if export_format == "comfyui":
+            _write_comfyui(adapter, lora, partial, use_ema, dtype)
+            (partial / METADATA_FILE).write_text(json.dumps(metadata | time_metadata(adapter) | {"format": "comfyui"}, indent=2))
+        elif lora and not merge_lora:
             _write_lora(adapter, architecture, partial, use_ema, metadata)
         else:
             if lora:
@@ -153,6 +188,25 @@ def _write_lora(adapter: TransformerAdapter, architecture: dict, out_dir: Path, 
         save_extra_weights(adapter, out_dir / EXTRA_WEIGHTS_FILE)
     metadata |= {"lora": architecture["lora"], "base": architecture["config"]["path"], **time_metadata(adapter)}
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def _write_comfyui(adapter: TransformerAdapter, lora: bool, out_dir: Path, use_ema: bool, dtype: str) -> None:
+    """The ComfyUI layout of the module notes: the ``emb_2`` patch, and the LoRA file of a LoRA run."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    patch, lora_file = comfyui_files(out_dir, adapter.family)
+    if adapter.single_time_embedding:
+        raise ValueError("--format comfyui: this single-time-embedding run has no second time embedding to patch in")
+    patch.parent.mkdir(parents=True)
+    written = save_extra_weights(adapter, patch)  # the released names, which the patcher reads
+    with safe_open(str(written), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key).to(WEIGHT_DTYPES[dtype]).contiguous() for key in handle.keys()}
+        metadata = handle.metadata()
+    save_file(tensors, str(patch), metadata=metadata)
+    if lora:
+        lora_file.parent.mkdir(parents=True)
+        os.replace(save_lora_file(adapter, EMA if use_ema else TRAINED, lora_file.parent), lora_file)
 
 
 def save_lora_file(adapter: TransformerAdapter, name: str, out_dir: Path) -> Path:
