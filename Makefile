@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 OUT ?= runs/demo
 
-.PHONY: venv demo test bench bench-finetune bench-bf16 bench-distill gpu-check clean
+.PHONY: venv demo test test-compat bench bench-finetune bench-bf16 bench-distill gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The diffusers-facing tests on the oldest supported diffusers release and the newest (outside CI).
+test-compat: venv
+	bash .ci/compat $(COMPAT_VERSIONS)
 
 bench: venv
 	$(BIN)/python benchmarks/report.py --out benchmarks/results

@@ -40,6 +40,7 @@ from twinflow.adapters import (  # noqa: E402
 from twinflow.objective import TwinFlowObjective, objective_config  # noqa: E402
 from twinflow.sampler import sample, sampler_config  # noqa: E402
 from twinflow.teacher import EMATeacher  # noqa: E402
+from twinflow.testing import initialised  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -153,10 +154,10 @@ FAMILIES = {
     ),
     "z_image": Family(
         "z_image",
-        lambda: diffusers.ZImageTransformer2DModel(
+        lambda: initialised(diffusers.ZImageTransformer2DModel(
             all_patch_size=(2,), all_f_patch_size=(1,), in_channels=CHANNELS, dim=32, n_layers=2,
             n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32],
-        ),
+        )),
         lambda batch, generator: {"prompt_embeds": _text(batch, generator), "prompt_embeds_mask": _mask(batch)},
         _z_image_reference,
     ),

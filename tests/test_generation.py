@@ -413,7 +413,7 @@ def test_hub_ids_are_fetched_safetensors_only_and_paths_never(monkeypatch, tmp_p
 
     calls = []
 
-    def fake_download(repo_id, allow_patterns):
+    def fake_download(repo_id, allow_patterns, **options):
         calls.append((repo_id, allow_patterns))
         return str(tmp_path)
 
@@ -424,9 +424,9 @@ def test_hub_ids_are_fetched_safetensors_only_and_paths_never(monkeypatch, tmp_p
     assert calls == [("inclusionAI/TwinFlow-Z-Image-Turbo", HUB_FILES)]
     assert not any(pattern.endswith((".bin", ".pt", ".py", ".pth", ".ckpt")) for pattern in HUB_FILES)
 
-    def offline(repo_id, allow_patterns):
+    def offline(repo_id, allow_patterns, **options):
         raise OSError("no internet")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(FileNotFoundError, match="neither a local folder nor a downloadable hub model"):
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub model"):
         resolve_model_folder("owner/model")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 diffusers = pytest.importorskip("diffusers")
 
 from twinflow.adapters import METADATA_FILE, TimeConvention, ZImageAdapter, load_adapter  # noqa: E402
-from twinflow.testing import build_tiny_folder  # noqa: E402
+from twinflow.testing import build_tiny_folder, initialised  # noqa: E402
 from twinflow.models import build_model  # noqa: E402
 from twinflow.train.backbone import model_from_architecture  # noqa: E402
 
@@ -37,10 +37,10 @@ def _quiet(function, *arguments, **options):
 def _trained_adapter(zero_time: str):
     """A tiny random Z-Image adapter whose t_embedder_2 is perturbed away from a copy of t_embedder."""
     torch.manual_seed(0)
-    transformer = diffusers.ZImageTransformer2DModel(
+    transformer = initialised(diffusers.ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[64, 32, 32],
-    )
+    ))
     adapter = _quiet(ZImageAdapter, transformer, zero_time=zero_time)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "BUILDERS", "FULL_WIDTH_LAYERS", "FULL_WIDTH_SIZE_MULTIPLE", "SD3_POOLED_WIDTH", "TEXT_WIDTHS", "TINY_SIZE_MULTIPLE",
+    "BUILDERS", "FULL_WIDTH_LAYERS", "initialised", "FULL_WIDTH_SIZE_MULTIPLE", "SD3_POOLED_WIDTH", "TEXT_WIDTHS", "TINY_SIZE_MULTIPLE",
     "build_full_width_folder", "build_tiny_folder", "tiny_tokenizer",
 ]
 
@@ -73,6 +73,17 @@ def tiny_tokenizer(
     return wrapped
 
 
+def initialised(module: Any) -> Any:
+    """``module`` with every ``*pad_token`` parameter zeroed, as diffusers 0.40+ initialises
+    Z-Image's; earlier releases leave them ``torch.empty`` (whatever memory held), so two seeded
+    builds would differ. Returns ``module``."""
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.rsplit(".", 1)[-1].endswith("pad_token"):
+                parameter.zero_()
+    return module
+
+
 def _vae(latent_channels: int) -> Any:
     from diffusers import AutoencoderKL
 
@@ -96,10 +107,10 @@ def _z_image(text_encoder: bool) -> dict[str, Any]:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
 
     parts = {
-        "transformer": ZImageTransformer2DModel(
+        "transformer": initialised(ZImageTransformer2DModel(
             all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
             n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[512, 32, 32],
-        ),
+        )),
         "vae": _vae(4),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
     }
@@ -336,7 +347,7 @@ def _full_width_transformer(family: str, layers: int) -> Any:
         return diffusers.QwenImageTransformer2DModel(num_layers=layers)
     if family == "z_image":  # the defaults are Tongyi-MAI/Z-Image's (dim 3840, 30 heads, text 2560) but
         # for the RoPE lengths: the released config has 1536 caption positions (prompts of 1024 tokens)
-        return diffusers.ZImageTransformer2DModel(n_layers=layers, n_refiner_layers=1, axes_lens=[1536, 512, 512])
+        return initialised(diffusers.ZImageTransformer2DModel(n_layers=layers, n_refiner_layers=1, axes_lens=[1536, 512, 512]))
     if family == "sd3":
         config = dict(SD35_MEDIUM, num_layers=layers, pos_embed_max_size=SD35_POS_EMBED_MAX_SIZE)
         # the released blocks 0-12 have a second attention, the last block none (context_pre_only)

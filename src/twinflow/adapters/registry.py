@@ -16,6 +16,7 @@ from twinflow.adapters.sana import SanaAdapter
 from twinflow.adapters.sd3 import SD3Adapter
 from twinflow.adapters.weights import find_extra_weights
 from twinflow.adapters.z_image import ZImageAdapter
+from twinflow.diffusers_compat import loading_arguments
 
 __all__ = ["ADAPTERS", "adapter_for", "build_adapter", "family_of", "load_adapter", "transformer_family"]
 
@@ -138,7 +139,8 @@ def load_adapter(
             "transformer weights from safetensors only, never from pickle files"
         )
     # use_safetensors=True: diffusers would otherwise fall back to a pickled .bin next to them
-    transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **{**from_pretrained, "use_safetensors": True})
+    options_for_diffusers = loading_arguments({**from_pretrained, "use_safetensors": True})
+    transformer = getattr(diffusers, class_name).from_pretrained(str(folder), **options_for_diffusers)
     if single_time_embedding:
         if extra_weights is not None:
             raise ValueError(f"{folder} is a single-time-embedding model (twinflow.json): it takes no extra weights")

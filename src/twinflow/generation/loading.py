@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from twinflow.devices import resolve_device, resolve_dtype
+from twinflow.diffusers_compat import loading_arguments
 from twinflow.families import PIPELINE_FAMILIES, Family
 
 __all__ = [
@@ -226,7 +227,7 @@ def load_pipeline(
         parts["transformer"] = transformer
     pipeline_class = getattr(diffusers, family.pipeline_class)
     pipeline = pipeline_class.from_pretrained(
-        str(folder), dtype=dtype, local_files_only=True, use_safetensors=True, **parts
+        str(folder), **loading_arguments({"dtype": dtype}), local_files_only=True, use_safetensors=True, **parts
     )
     family.complete_pipeline(pipeline, folder, can_encode)
     pipeline.set_progress_bar_config(disable=True)
