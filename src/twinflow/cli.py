@@ -94,6 +94,8 @@ def _add_generate_command(commands) -> None:
     generate.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA export (twinflow export of a LoRA run), or a diffusers-format LoRA file, to apply to --model")
     generate.add_argument("--extra-weights", type=Path, metavar="FILE",
                           help="a safetensors file of TwinFlow's second time embedding (a patch file) for a plain base --model")
+    generate.add_argument("--gguf", type=Path, metavar="FILE",
+                          help="quantized transformer weights (a GGUF file, diffusers' GGUF backend; pip install gguf) for --model's transformer")
     generate.add_argument("--embeddings", type=Path, metavar="FILE", help="precomputed prompt embeddings (twinflow encode); the text encoder is not loaded")
     generate.add_argument("--preset", default="2nfe", help="sampler preset or spec: 1nfe, 2nfe, 4nfe, any, multi, multi:steps=50")
     generate.add_argument("--sampler", dest="sampler_overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -109,7 +111,10 @@ def _add_generate_command(commands) -> None:
     generate.add_argument("--out", type=Path, required=True, help="folder for the PNG files (<index>_<seed>.png)")
     generate.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale w of F_u + w (F_c - F_u), as in diffusers (0: off, as TwinFlow models are meant to be used)")
     _add_device_arguments(generate)
-    generate.add_argument("--offload", action="store_true", help="model CPU offload: each model moves to the GPU only while it runs (CUDA only)")
+    generate.add_argument("--offload", nargs="?", const="model", choices=["model", "group", "sequential"],
+                          help="CPU offload (CUDA only), least to most memory saved: model (each model moves to the GPU "
+                               "while it runs; the default of a bare --offload), group (the transformer's blocks one "
+                               "at a time), sequential (every layer on its own; slowest)")
 
 
 def _add_cache_command(commands) -> None:
@@ -334,8 +339,9 @@ def command_generate(arguments: argparse.Namespace) -> None:
         raise FileExistsError(f"--out {arguments.out} is a file; give a folder for the PNG files")
     if arguments.embeddings is not None and not arguments.embeddings.is_file():
         raise FileNotFoundError(f"--embeddings {arguments.embeddings} does not exist")
-    if arguments.extra_weights is not None and not arguments.extra_weights.exists():
-        raise FileNotFoundError(f"--extra-weights {arguments.extra_weights} does not exist")
+    for flag, path in (("--extra-weights", arguments.extra_weights), ("--gguf", arguments.gguf)):
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
     resolve_dtype(arguments.dtype, resolve_device(arguments.device))
     for image in arguments.images:
         if not image.is_file():
@@ -344,7 +350,7 @@ def command_generate(arguments: argparse.Namespace) -> None:
         check_image_size(arguments.model, *arguments.size)
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
-        load_text_encoder=arguments.embeddings is None, lora=arguments.lora, extra_weights=arguments.extra_weights,
+        load_text_encoder=arguments.embeddings is None, lora=arguments.lora, extra_weights=arguments.extra_weights, gguf=arguments.gguf,
         max_sequence_length=arguments.max_sequence_length,
     )
     width, height = arguments.size or (None, None)

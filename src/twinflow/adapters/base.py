@@ -185,7 +185,12 @@ def install_target_time_embedding(
     if second_name in transformer._modules:
         second = transformer.get_submodule(second_name)
     else:
-        second = copy.deepcopy(first)
+        if any(hasattr(parameter, "quant_type") for parameter in first.parameters()):
+            from twinflow.adapters.quantized import unquantized_copy  # a GGUF model: emb_2 in plain floats
+
+            second = unquantized_copy(first)
+        else:
+            second = copy.deepcopy(first)
         transformer.add_module(second_name, second)
         if notice:
             warnings.warn(

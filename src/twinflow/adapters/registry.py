@@ -86,6 +86,7 @@ def load_adapter(
     z_image_zero_time: str = "auto",
     weights: bool = True,
     extra_weights: str | Path | None = None,
+    gguf: str | Path | None = None,
     **from_pretrained: Any,
 ) -> TransformerAdapter:
     """An adapter from a diffusers transformer folder (or a pipeline folder with ``transformer/``).
@@ -110,6 +111,11 @@ def load_adapter(
     reads ``r = 0`` as the file's ``twinflow_zero_time`` metadata says (files exported here),
     else as the reference does (released patches).
 
+    ``gguf``: a GGUF file of the transformer's weights (quantized, as the community publishes
+    them), loaded by diffusers' GGUF backend with the folder's ``config.json``, computing in
+    ``from_pretrained``'s ``dtype`` (default float32); ``emb_2`` stays unquantized and comes from
+    ``extra_weights``, else from the GGUF file, else the folder (:mod:`twinflow.adapters.quantized`).
+
     ``weights=False`` builds the same adapter on the meta device from ``config.json`` alone (the
     class's ``from_config``; ``dtype`` in ``from_pretrained`` is applied): no weight is read or
     allocated, for a dry run of a 20B model. ``emb_2`` is then the copy of ``emb``.
@@ -132,6 +138,8 @@ def load_adapter(
         options["zero_time"] = zero_time  # still "auto" without twinflow.json: the weights decide
     if not weights:
         return _meta_adapter(folder, class_name, family, single_time_embedding, options, from_pretrained.get("dtype"))
+    if gguf is not None:
+        return _gguf_adapter(folder, class_name, family, Path(gguf), extra_weights, options, from_pretrained)
     if not any(folder.glob("*.safetensors")):
         pickled = sorted(item.name for item in folder.iterdir() if item.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         raise ValueError(
@@ -150,6 +158,29 @@ def load_adapter(
             options["zero_time"] = _file_zero_time(extra_weights)
         return build_adapter(family, transformer, extra_weights=extra_weights, **options)
     extra = find_extra_weights(folder, f"{ADAPTERS[family].embedding_name}_2")
+    return build_adapter(family, transformer, extra_weights=extra or None, **options)
+
+
+def _gguf_adapter(folder: Path, class_name: str, family: str, file: Path, extra_weights, options: dict, from_pretrained: dict):
+    """:func:`load_adapter` of a GGUF file: the quantized transformer, an unquantized ``emb_2``."""
+    import diffusers
+    import torch
+
+    from twinflow.adapters.quantized import gguf_extra_weights
+
+    if not file.is_file() or file.suffix.lower() != ".gguf":
+        raise FileNotFoundError(f"gguf {file}: not a .gguf file")
+    compute = from_pretrained.get("dtype") or torch.float32
+    transformer = getattr(diffusers, class_name).from_single_file(
+        str(file), config=str(folder), quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=compute),
+        **loading_arguments({"dtype": compute}),
+    )
+    prefix = f"{ADAPTERS[family].embedding_name}_2"
+    extra = extra_weights
+    if extra is None:  # the GGUF file's own emb_2, else the folder's, else a copy of emb
+        extra = gguf_extra_weights(file, prefix) or (find_extra_weights(folder, prefix) if any(folder.glob("*.safetensors")) else {})
+    if options.get("zero_time") == "auto" and extra_weights is not None:
+        options["zero_time"] = _file_zero_time(extra_weights)
     return build_adapter(family, transformer, extra_weights=extra or None, **options)
 
 

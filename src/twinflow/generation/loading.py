@@ -25,7 +25,8 @@ from twinflow.diffusers_compat import loading_arguments
 from twinflow.families import PIPELINE_FAMILIES, Family
 
 __all__ = [
-    "LoadedPipeline", "check_folder", "check_image_size", "folder_family", "load_pipeline", "resolve_model_folder",
+    "OFFLOAD_MODES", "LoadedPipeline", "check_folder", "check_image_size", "enable_offload", "folder_family", "load_pipeline",
+    "offload_mode", "resolve_model_folder",
     "split_hub_id",
 ]
 
@@ -164,6 +165,41 @@ def check_image_size(model: str | Path, width: int, height: int) -> None:
     family.latent_shape(pipeline, transformer, width, height)
 
 
+OFFLOAD_MODES = ("model", "group", "sequential")
+"""The memory ladder of ``generate`` (diffusers' own hooks), most memory first:
+
+* ``model``: each model (text encoder, transformer, VAE) moves to the GPU while it runs;
+* ``group``: the transformer's blocks move to the GPU one at a time (block-level group offload),
+  the other models as groups too; about one block of the transformer on the GPU;
+* ``sequential``: every layer moves to the GPU for its own call (accelerate); least memory, slowest.
+"""
+
+
+def offload_mode(offload: bool | str | None) -> str | None:
+    """``None`` (no offload), or one of :data:`OFFLOAD_MODES` (``True`` is ``model``)."""
+    if offload is None or offload is False:
+        return None
+    if offload is True:
+        return "model"
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {list(OFFLOAD_MODES)}, got {offload!r}")
+    return offload
+
+
+def enable_offload(pipeline: Any, mode: str, device: torch.device) -> None:
+    """Put diffusers' offload hooks of ``mode`` (:data:`OFFLOAD_MODES`) on ``pipeline``, computing
+    on ``device``. The target-time hook needs nothing: ``emb_2`` is a submodule of the
+    transformer, moved with it (tested with CPU-to-CPU offload)."""
+    if mode == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipeline.enable_sequential_cpu_offload(device=device)
+    else:
+        pipeline.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1,
+        )
+
+
 @dataclass
 class LoadedPipeline:
     """A pipeline folder loaded for generation or for encoding only."""
@@ -190,7 +226,7 @@ def load_pipeline(
     *,
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     load_text_encoder: bool = True,
     load_transformer: bool = True,
     transformer: Any = None,
@@ -209,9 +245,11 @@ def load_pipeline(
     folder = resolve_model_folder(folder)
     family = folder_family(folder)
     load_vae = load_transformer if load_vae is None else load_vae
-    check_folder(folder, MODEL_PARTS if load_vae else ("transformer",))
+    needed = MODEL_PARTS if load_vae else ("transformer",)
+    check_folder(folder, tuple(part for part in needed if not (part == "transformer" and transformer is not None)))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    offload = offload_mode(offload)
     if offload and device.type != "cuda":
         raise ValueError(
             f"offload moves each model between CPU and GPU memory as it is needed; it needs a CUDA "
@@ -232,7 +270,7 @@ def load_pipeline(
     family.complete_pipeline(pipeline, folder, can_encode)
     pipeline.set_progress_bar_config(disable=True)
     if offload:
-        pipeline.enable_model_cpu_offload(device=device)
+        enable_offload(pipeline, offload, device)
     elif load_transformer:
         pipeline.to(device)
     else:

@@ -144,10 +144,11 @@ class TextToImage:
         *,
         device: str | torch.device | None = "auto",
         dtype: str | torch.dtype | None = None,
-        offload: bool = False,
+        offload: bool | str = False,
         load_text_encoder: bool = True,
         lora: str | Path | None = None,
         extra_weights: str | Path | None = None,
+        gguf: str | Path | None = None,
         max_sequence_length: int | None = None,
     ) -> TextToImage:
         """Load a diffusers pipeline folder (``QwenImagePipeline``, ``ZImagePipeline``,
@@ -160,9 +161,11 @@ class TextToImage:
             device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``.
             dtype: ``None``/``auto`` gives bfloat16 on CUDA and float32 on the CPU; or ``bf16``,
                 ``fp16``, ``fp32`` or a ``torch.dtype``.
-            offload: diffusers' model CPU offload (accelerate): each model sits in CPU memory
-                and moves to the GPU only while it runs. Only meaningful with CUDA; on another
-                device it raises ``ValueError``.
+            offload: diffusers' CPU offload, a rung of the memory ladder
+                (:data:`~twinflow.generation.loading.OFFLOAD_MODES`): ``True`` or ``"model"``
+                (each model moves to the GPU while it runs), ``"group"`` (the transformer's
+                blocks one at a time), ``"sequential"`` (every layer on its own). Needs CUDA; on
+                another device it raises ``ValueError``.
             load_text_encoder: ``False`` never loads the text encoder(s): generate from
                 precomputed embeddings (small GPUs; folders without a text encoder).
             lora: a LoRA export of ``twinflow export`` (``pytorch_lora_weights.safetensors``
@@ -172,15 +175,22 @@ class TextToImage:
                 file: ``time_text_embed_2.*``, ``transformer.time_text_embed_2.*``,
                 ``t_embedder_2.*``, ``extended_weights.t_embedder_2.*``, ...) for a plain base
                 pipeline; it replaces any the folder (or the LoRA export) holds.
+            gguf: a GGUF file of the transformer's weights (quantized; diffusers' GGUF backend,
+                needs ``pip install gguf``), used instead of ``transformer/``'s; the second time
+                embedding stays unquantized (:mod:`twinflow.adapters.quantized`).
             max_sequence_length: the prompt encoding's token limit (``None``: the family's, else
                 the pipeline's); a model generates best with the limit its training cache used.
         """
         folder = resolve_model_folder(folder)  # a folder, or a hub id (owner/name[/sub/folder])
         family = folder_family(folder)
-        check_folder(folder, MODEL_PARTS)
+        check_folder(folder, MODEL_PARTS if gguf is None else ("vae",))  # a GGUF file replaces transformer/'s weights
         loaded_dtype = resolve_dtype(dtype, resolve_device(device))
         loading = {"dtype": loaded_dtype, "local_files_only": True, "use_safetensors": True}
-        if lora is None:
+        if gguf is not None:
+            if lora is not None:
+                raise ValueError("a GGUF transformer takes no LoRA here: merge the LoRA before quantizing")
+            adapter = load_adapter(folder, extra_weights=extra_weights, gguf=gguf, dtype=loaded_dtype)
+        elif lora is None:
             adapter = load_adapter(folder, extra_weights=extra_weights, **loading)
         else:
             adapter = load_lora_export(folder, lora, extra_weights=extra_weights, **loading)
