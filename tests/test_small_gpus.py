@@ -139,3 +139,21 @@ def test_offload_hooks_leave_the_images_unchanged(mode, files):
         offload_mode("disk")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         TextToImage.from_pretrained(folder, device="cpu", offload=mode)
+
+
+def test_the_command_line_generates_from_a_gguf_file_beside_a_folder_without_transformer_weights(files, tmp_path):
+    """A base folder whose transformer/ holds only config.json (the user has the GGUF file instead)."""
+    import shutil
+
+    from twinflow.cli import main
+
+    folder, quantized_file, _ = files
+    light = tmp_path / "light"
+    shutil.copytree(folder, light)
+    for weights in (light / "transformer").glob("*.safetensors"):
+        weights.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([str(item) for item in ("generate", "--model", light, "--gguf", quantized_file, "--prompt", "a red fox",
+                                            "--size", "16x16", "--preset", "1nfe", "--device", "cpu", "--out", tmp_path / "out")])
+    assert code == 0 and (tmp_path / "out" / "0_0.png").is_file()

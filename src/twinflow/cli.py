@@ -347,7 +347,7 @@ def command_generate(arguments: argparse.Namespace) -> None:
         if not image.is_file():
             raise FileNotFoundError(f"--image {image} does not exist")
     if arguments.size is not None:
-        check_image_size(arguments.model, *arguments.size)
+        check_image_size(arguments.model, *arguments.size, transformer_weights=arguments.gguf is None)
     pipe = TextToImage.from_pretrained(
         arguments.model, device=arguments.device, dtype=arguments.dtype, offload=arguments.offload,
         load_text_encoder=arguments.embeddings is None, lora=arguments.lora, extra_weights=arguments.extra_weights, gguf=arguments.gguf,

@@ -141,7 +141,7 @@ def _empty_model(folder: Path, part: str) -> Any:
         return model_class.from_config(model_class.load_config(str(folder / part)))
 
 
-def check_image_size(model: str | Path, width: int, height: int) -> None:
+def check_image_size(model: str | Path, width: int, height: int, transformer_weights: bool = True) -> None:
     """Raise ``ValueError`` naming the numbers when the family's pipeline cannot make a
     ``width`` x ``height`` image; reads the configs only (seconds, whatever the model's size),
     so that a bad ``--size`` is named before the weights are loaded."""
@@ -152,7 +152,7 @@ def check_image_size(model: str | Path, width: int, height: int) -> None:
 
     folder = resolve_model_folder(model)
     family = folder_family(folder)
-    check_folder(folder, MODEL_PARTS)
+    check_folder(folder, MODEL_PARTS if transformer_weights else ("vae",))  # --gguf: weights from another file
     transformer, vae = _empty_model(folder, "transformer"), _empty_model(folder, "vae")
     pipeline_class = getattr(diffusers, family.pipeline_class)
     names = [name for name in inspect.signature(pipeline_class.__init__).parameters if name != "self"]
