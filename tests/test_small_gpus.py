@@ -125,6 +125,11 @@ def test_generate_from_a_gguf_file_is_close_to_the_folder(files, tmp_path):
 def test_offload_hooks_leave_the_images_unchanged(mode, files):
     from twinflow.generation.loading import enable_offload, offload_mode
 
+    from twinflow.diffusers_compat import diffusers_version
+
+    has_accelerator = hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None
+    if mode == "group" and diffusers_version() < (0, 41) and not has_accelerator:
+        pytest.skip("diffusers < 0.41 group offload asks torch.accelerator for a device, which a CPU-only machine lacks")
     folder = files[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
