@@ -1,0 +1,149 @@
+"""Where a step of the MNIST demo spends its time, and what the CPU knobs give (issue 18).
+
+The demo (``configs/mnist_twinflow.yaml``) has about 9 minutes on 2 cores for 950 optimizer steps.
+This measures, on the demo's model and batch, one optimizer step of each of its two phases
+(flow matching, then TwinFlow) split into network calls with and without gradient, the backward
+pass, the optimizer and the rest (the objective's own tensor work), then the whole step under
+each knob, each against the plain step measured in the same run (interleaved rounds):
+
+* ``channels_last`` memory format for the U-Net's convolutions;
+* bf16 autocast (this CPU has AVX512-BF16; the loop's ``precision: bf16``);
+* one intra-op thread instead of the default;
+* AdamW ``foreach=False`` (the per-tensor loop) against the default.
+
+``python benchmarks/demo_step_profile.py [--steps 8] [--out benchmarks/results]`` prints a table
+and writes ``demo_step_profile.json`` / ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from machine import machine_description
+
+from twinflow.data import DataConfig, load_dataset
+from twinflow.models import build_model
+from twinflow.objective import TwinFlowObjective, objective_config
+from twinflow.teacher import EMATeacher
+from twinflow.train.config import load_config, model_arguments
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_twinflow.yaml"
+
+
+class TimedNetwork(torch.nn.Module):
+    """The network, with the seconds of its calls summed by whether they record gradients."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+        self.seconds = {"forward with gradient": 0.0, "forward without gradient": 0.0}
+        self.calls = 0
+
+    def forward(self, *args):
+        start = time.perf_counter()
+        output = self.network(*args)
+        key = "forward with gradient" if torch.is_grad_enabled() else "forward without gradient"
+        self.seconds[key] += time.perf_counter() - start
+        self.calls += 1
+        return output
+
+
+def build(config: dict, channels_last: bool, foreach: bool | None):
+    images, labels = load_dataset(DataConfig(**config["data"]))[torch.arange(config["training"]["batch_size"])]
+    name, arguments = model_arguments(config)
+    model = build_model(name, **arguments)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=foreach)
+    return model, images, labels, optimizer
+
+
+def step_seconds(config, preset: str, *, channels_last=False, bf16=False, threads=None, foreach=None, steps=8, parts=False):
+    """Mean seconds per optimizer step (after 2 warm-up steps), and its parts when ``parts``."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        model, images, labels, optimizer = build(config, channels_last, foreach)
+        timed = TimedNetwork(model)
+        teacher = EMATeacher(timed, decay=0.99)
+        objective = TwinFlowObjective(objective_config(preset))
+        generator = torch.Generator().manual_seed(0)
+        null = torch.full_like(labels, 10)
+        totals = {"backward": 0.0, "optimizer": 0.0, "step": 0.0}
+        for index in range(steps + 2):
+            if index == 2:
+                for network in (timed, teacher.network):  # the EMA teacher is a timed copy too
+                    network.seconds = dict.fromkeys(network.seconds, 0.0)
+                totals = dict.fromkeys(totals, 0.0)
+            start = time.perf_counter()
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                result = objective(timed, images, labels, null, teacher=teacher.network, generator=generator)
+            middle = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            after_backward = time.perf_counter()
+            optimizer.step()
+            teacher.update(timed)
+            end = time.perf_counter()
+            totals["backward"] += after_backward - middle
+            totals["optimizer"] += end - after_backward
+            totals["step"] += end - start
+        calls = {key: timed.seconds[key] + (teacher.network.seconds[key] if teacher.network is not timed else 0.0) for key in timed.seconds}
+        mean = {key: value / steps for key, value in {**calls, **totals}.items()}
+        mean["objective's own work"] = mean["step"] - sum(mean[key] for key in ("forward with gradient", "forward without gradient", "backward", "optimizer"))
+        return mean if parts else mean["step"]
+    finally:
+        torch.set_num_threads(previous)
+
+
+KNOBS = {
+    "channels_last": {"channels_last": True},
+    "bf16 autocast": {"bf16": True},
+    "1 thread": {"threads": 1},
+    "AdamW foreach=False": {"foreach": False},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", type=Path)
+    options = parser.parse_args()
+    config = load_config(CONFIG)
+    report = {"machine": machine_description(), "threads": torch.get_num_threads(), "parts": {}, "knobs": {}}
+    for preset in ("flow_matching", "twinflow"):
+        report["parts"][preset] = step_seconds(config, preset, steps=options.steps, parts=True)
+        baseline = []
+        for knob, settings in KNOBS.items():  # each knob beside a fresh plain measurement
+            plain = step_seconds(config, preset, steps=options.steps)
+            changed = step_seconds(config, preset, steps=options.steps, **settings)
+            baseline.append(plain)
+            report["knobs"].setdefault(preset, {})[knob] = {"plain": plain, "with": changed, "ratio": changed / plain}
+    lines = [f"Machine: {report['machine']}", "", "| phase | part | s / step | share |", "|---|---|---:|---:|"]
+    for preset, parts in report["parts"].items():
+        for part, seconds in parts.items():
+            if part != "step":
+                lines.append(f"| {preset} | {part} | {seconds:.3f} | {seconds / parts['step']:.0%} |")
+        lines.append(f"| {preset} | **whole step** | {parts['step']:.3f} | |")
+    lines += ["", "| phase | knob | plain s / step | with s / step | ratio |", "|---|---|---:|---:|---:|"]
+    for preset, knobs in report["knobs"].items():
+        for knob, numbers in knobs.items():
+            lines.append(f"| {preset} | {knob} | {numbers['plain']:.3f} | {numbers['with']:.3f} | {numbers['ratio']:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if options.out:
+        options.out.mkdir(parents=True, exist_ok=True)
+        (options.out / "demo_step_profile.json").write_text(json.dumps(report, indent=1))
+        (options.out / "demo_step_profile.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
