@@ -95,11 +95,15 @@ def _vae(latent_channels: int) -> Any:
     )
 
 
-def _with_text_encoder(parts: dict[str, Any], text_encoder: bool, build: Any, model_max_length: int) -> dict[str, Any]:
-    """``parts`` with ``text_encoder`` (``build()``, built last, so the seeded weights before it do not
-    change) and a tiny tokenizer of ``model_max_length`` tokens, or both None."""
-    parts["text_encoder"] = build() if text_encoder else None
-    parts["tokenizer"] = tiny_tokenizer(model_max_length) if text_encoder else None
+def _with_text_encoder(
+    parts: dict[str, Any], text_encoder: bool, build: Any, model_max_length: int, specials: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``parts`` with a tiny tokenizer of ``model_max_length`` tokens (``specials`` added) and
+    ``text_encoder`` = ``build(tokenizer)``, built last, so the seeded weights before it do not
+    change (the tokenizer draws no torch random numbers); or both None."""
+    tokenizer = tiny_tokenizer(model_max_length, specials=specials) if text_encoder else None
+    parts["text_encoder"] = build(tokenizer) if text_encoder else None
+    parts["tokenizer"] = tokenizer
     return parts
 
 
@@ -115,7 +119,7 @@ def _z_image(text_encoder: bool) -> dict[str, Any]:
         "scheduler": FlowMatchEulerDiscreteScheduler(),
     }
 
-    def build():
+    def build(tokenizer):
         from transformers import Qwen3Config, Qwen3Model
 
         return Qwen3Model(Qwen3Config(
@@ -142,14 +146,13 @@ def _qwen_image(text_encoder: bool, *, vision_tokens: bool = False, zero_cond_t:
         ),
         "scheduler": FlowMatchEulerDiscreteScheduler(),
     }
-    tokenizer = tiny_tokenizer(2048, specials=VISION_TOKENS if vision_tokens else ()) if text_encoder else None
-    # Without vision tokens the image ids are unused; with them they must be the tokenizer's.
-    ids = [VOCAB - k for k in (3, 4, 1, 2)]
-    if vision_tokens and tokenizer is not None:
-        ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS]
-
-    def build():
+    def build(tokenizer):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        # Without vision tokens the image ids are unused; with them they must be the tokenizer's.
+        ids = [VOCAB - k for k in (3, 4, 1, 2)]
+        if vision_tokens:
+            ids = [tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS]
 
         config = Qwen2_5_VLConfig(
             text_config={
@@ -163,9 +166,7 @@ def _qwen_image(text_encoder: bool, *, vision_tokens: bool = False, zero_cond_t:
         )
         return Qwen2_5_VLForConditionalGeneration(config)
 
-    parts["text_encoder"] = build() if text_encoder else None
-    parts["tokenizer"] = tokenizer
-    return parts
+    return _with_text_encoder(parts, text_encoder, build, 2048, VISION_TOKENS if vision_tokens else ())
 
 
 def _qwen_image_edit(text_encoder: bool, zero_cond_t: bool = False) -> dict[str, Any]:
@@ -255,7 +256,7 @@ def _sana(text_encoder: bool) -> dict[str, Any]:
         "scheduler": FlowMatchEulerDiscreteScheduler(),
     }
 
-    def build():
+    def build(tokenizer):
         from transformers import Gemma2Config, Gemma2Model
 
         return Gemma2Model(Gemma2Config(

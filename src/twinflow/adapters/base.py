@@ -185,12 +185,10 @@ def install_target_time_embedding(
     if second_name in transformer._modules:
         second = transformer.get_submodule(second_name)
     else:
-        if any(hasattr(parameter, "quant_type") for parameter in first.parameters()):
-            from twinflow.adapters.quantized import unquantized_copy  # a GGUF model: emb_2 in plain floats
+        from twinflow.adapters.quantized import is_quantized, unquantized_copy  # quantized imports this module
 
-            second = unquantized_copy(first)
-        else:
-            second = copy.deepcopy(first)
+        # A GGUF model's emb_2 is a plain float copy (twinflow.adapters.quantized).
+        second = unquantized_copy(first) if is_quantized(first) else copy.deepcopy(first)
         transformer.add_module(second_name, second)
         if notice:
             warnings.warn(

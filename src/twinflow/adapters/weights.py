@@ -84,6 +84,22 @@ def released_name(name: str, prefix: str) -> str | None:
     return None
 
 
+def _split(names: list[str], prefix: str, read) -> tuple[dict[str, Tensor], list[str]]:
+    """``emb_2``'s tensors among ``names`` under their released names (``read(name)`` fetches
+    one), and the other names."""
+    tensors: dict[str, Tensor] = {}
+    others: list[str] = []
+    for name in names:
+        released = released_name(name, prefix)
+        if released is None:
+            others.append(name)
+            continue
+        if released in tensors:
+            raise ValueError(f"{released} appears more than once (as {name} too)")
+        tensors[released] = read(name)
+    return tensors, others
+
+
 def _read(files: list[Path], prefix: str) -> tuple[dict[str, Tensor], list[str]]:
     """The tensors of ``emb_2`` (``prefix.*``, wrapped or not) in ``files``, under their released
     names, and the names of all other tensors.
@@ -94,14 +110,12 @@ def _read(files: list[Path], prefix: str) -> tuple[dict[str, Tensor], list[str]]
     others: list[str] = []
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                released = released_name(name, prefix)
-                if released is None:
-                    others.append(name)
-                    continue
-                if released in tensors:
-                    raise ValueError(f"{released} appears more than once in {[str(f) for f in files]}")
-                tensors[released] = handle.get_tensor(name)
+            found, rest = _split(list(handle.keys()), prefix, handle.get_tensor)
+        duplicated = sorted(set(found) & set(tensors))
+        if duplicated:
+            raise ValueError(f"{duplicated[0]} appears in more than one of {[str(f) for f in files]}")
+        tensors |= found
+        others += rest
     return tensors, others
 
 
@@ -120,13 +134,7 @@ def load_extra_weights(adapter: TransformerAdapter, source: str | Path | Mapping
     """
     prefix = adapter.second_embedding_name
     if isinstance(source, Mapping):
-        tensors, others = {}, []
-        for name, value in source.items():
-            released = released_name(name, prefix)
-            if released is None:
-                others.append(name)
-            else:
-                tensors[released] = value
+        tensors, others = _split(list(source), prefix, source.__getitem__)
     else:
         tensors, others = _read(weight_files(source), prefix)
     expected = set(extra_state_dict(adapter))
