@@ -325,3 +325,27 @@ def test_gpu_check_plans_the_full_size_run_on_a_gpu(monkeypatch):
     assert quick_look.kind == "truncated" and not quick_look.is_gpu_figure and quick_look.full_families == []
     assert quick_look.out == "benchmarks/results/gpu_check_cuda_truncated"  # never over the GPU report
     assert gpu_check.transformer_overrides("z_image", 2) == {"n_layers": 2, "n_refiner_layers": 2}
+
+
+# ---- benchmarks/demo_recipe.py: recipes on the command line, the table and the curve ------------------
+def test_demo_recipe_parsing_table_and_plot(tmp_path):
+    import demo_recipe
+
+    name, config, overrides = demo_recipe.parse_recipe("new=configs/mnist_twinflow.yaml,a.b=1,c=[1,2]")
+    # Commas split overrides, so a list value cannot be given here (use a config file for that).
+    assert (name, config, overrides[0]) == ("new", Path("configs/mnist_twinflow.yaml"), "a.b=1")
+    with pytest.raises(SystemExit, match="NAME=CONFIG"):
+        demo_recipe.parse_recipe("configs/mnist_twinflow.yaml")
+    row = {"accuracy": 0.9, "frechet_distance": 30.0, "precision": 0.8, "recall": 0.6}
+    point = lambda step, seconds, fd: {"step": step, "training_seconds": seconds, "rows": {"1nfe": {**row, "frechet_distance": fd}}}
+    results = {
+        "machine": "test", "command": "python benchmarks/demo_recipe.py", "num": 500, "presets": ["1nfe"],
+        "real": {"accuracy": 0.98, "frechet_distance": 10.0},
+        "recipes": {"old": {"config": "a.yaml", "overrides": [], "command_seconds": 300.0,
+                            "model": [point(100, 50.0, 80.0), point(200, 100.0, 40.0)], "ema": [point(200, 100.0, 38.0)]}},
+    }
+    text = demo_recipe.markdown(results)
+    assert "| old | model | 200 | 100 | 0.900 / 40.0 |" in text and "| old | ema | 200 | 100 | 0.900 / 38.0 |" in text
+    assert "took 300 s" in text
+    demo_recipe.plot(results, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000

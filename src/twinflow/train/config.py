@@ -135,6 +135,7 @@ RULES: dict[str, Rule] = {
 PHASE_RULES: dict[str, Rule] = {
     "steps": integer(minimum=1),
     "learning_rate": number(minimum=0, open_minimum=True),
+    "final_learning_rate": number(minimum=0),
     "objective.preset": choice(*OBJECTIVE_PRESETS),
 }
 
@@ -345,13 +346,15 @@ def check_world_size(config: dict, world_size: int) -> None:
 
 def phase_objective(phase: Any, where: str) -> ObjectiveConfig:
     """The objective config of one phase, validated (errors name ``phases.N.…``)."""
-    if not isinstance(phase, dict) or set(phase) - {"steps", "objective", "learning_rate"}:
+    if not isinstance(phase, dict) or set(phase) - {"steps", "objective", "learning_rate", "final_learning_rate"}:
         raise ConfigError(
-            f"{where} must be a mapping with keys 'steps', 'objective' and optionally 'learning_rate', got {phase!r}"
+            f"{where} must be a mapping with keys 'steps', 'objective' and optionally 'learning_rate' and "
+            f"'final_learning_rate', got {phase!r}"
         )
     phase["steps"] = PHASE_RULES["steps"].check(phase.get("steps"), f"{where}.steps")
-    if "learning_rate" in phase:
-        phase["learning_rate"] = PHASE_RULES["learning_rate"].check(phase["learning_rate"], f"{where}.learning_rate")
+    for key in ("learning_rate", "final_learning_rate"):
+        if key in phase:
+            phase[key] = PHASE_RULES[key].check(phase[key], f"{where}.{key}")
     objective = phase.get("objective") or {}
     if not isinstance(objective, dict):
         raise ConfigError(f"{where}.objective must be a mapping like {{preset: twinflow}}, got {objective!r}")
@@ -374,6 +377,11 @@ def model_arguments(config: dict) -> tuple[str, dict]:
 
 def total_steps(config: dict) -> int:
     return sum(phase["steps"] for phase in config["phases"])
+
+
+def phase_start(config: dict, phase: int) -> int:
+    """The first optimizer step (0-based) of phase ``phase``."""
+    return sum(earlier["steps"] for earlier in config["phases"][:phase])
 
 
 def phase_at(config: dict, step: int) -> int:
