@@ -64,29 +64,6 @@ def test_bad_inputs_are_named():
         build_model("dit")
 
 
-def test_input_skip_starts_as_the_identity_and_learns_a_gate_per_time():
-    # Fresh: the head is zero and the gate's bias 1, so the output is x_t itself (u = z at t = 1).
-    torch.manual_seed(0)
-    fresh = build_model("unet", channels=[16, 32], blocks_per_level=1, embedding_dim=32, attention_heads=0, input_skip=True)
-    x = torch.randn(2, 1, 28, 28)
-    t = torch.tensor([1.0, -0.4])
-    torch.testing.assert_close(fresh(x, t, t * 0, torch.tensor([3, 10])), x, rtol=0, atol=0)
-    # With weights everywhere: the output is the plain network's plus gate(embedding) * x_t.
-    model = small_model(input_skip=True)
-    labels = torch.tensor([3, 10])
-    output = model(x, t, t * 0.5, labels)
-    gate = model.skip_gate(torch.nn.functional.silu(model.condition(t, t * 0.5, labels)))
-    model.skip_gate = None
-    torch.testing.assert_close(output, model(x, t, t * 0.5, labels) + gate[:, :, None, None] * x)
-    assert gate.std() > 0, "the gate depends on the time and the label"
-
-
-def test_old_unet_configs_rebuild_without_the_skip():
-    config = UNetConfig(channels=(16, 32)).to_dict()
-    del config["input_skip"]  # a checkpoint written before the field existed
-    assert build_model("unet", **config).skip_gate is None
-
-
 def test_default_demo_model_size_is_small():
     from twinflow.train.config import load_config, model_arguments
 

@@ -31,10 +31,6 @@ class UNetConfig:
     embedding_dim: int = 256
     attention_heads: int = 4  # self-attention at the lowest resolution; 0 disables it
     groups: int = 16  # GroupNorm groups
-    # Add gate(t, r, label) * x_t to the output, the gate a per-channel scalar starting at 1:
-    # the noise the one-step map must carry from input to output (u = z - x at t = 1) then takes
-    # the identity path instead of the whole network, which leaves it as grain when undertrained.
-    input_skip: bool = False
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -159,11 +155,6 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(width, patch_channels, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.skip_gate = None
-        if config.input_skip:
-            self.skip_gate = nn.Linear(dim, config.image_channels)
-            nn.init.zeros_(self.skip_gate.weight)
-            nn.init.ones_(self.skip_gate.bias)
 
     def forward(self, x: Tensor, time: Tensor, target_time: Tensor, labels: Tensor | None = None) -> Tensor:
         expected = (self.config.image_channels, self.config.image_size, self.config.image_size)
@@ -194,10 +185,8 @@ class UNet(nn.Module):
                 hidden = functional.interpolate(hidden, scale_factor=2.0, mode="nearest")
                 hidden = self.upsamplers[level](hidden)
 
-        output = functional.pixel_shuffle(self.head(functional.silu(self.head_norm(hidden))), self.config.patch_size)
-        if self.skip_gate is not None:
-            output = output + self.skip_gate(embedding)[:, :, None, None] * x
-        return output
+        output = self.head(functional.silu(self.head_norm(hidden)))
+        return functional.pixel_shuffle(output, self.config.patch_size)
 
 
 def count_parameters(model: nn.Module) -> int:
