@@ -379,6 +379,11 @@ def total_steps(config: dict) -> int:
     return sum(phase["steps"] for phase in config["phases"])
 
 
+def peak_learning_rate(config: dict, phase: int) -> float:
+    """Phase ``phase``'s ``learning_rate``, else ``training.learning_rate``: where its schedule starts."""
+    return float(config["phases"][phase].get("learning_rate", config["training"]["learning_rate"]))
+
+
 def phase_start(config: dict, phase: int) -> int:
     """The first optimizer step (0-based) of phase ``phase``."""
     return sum(earlier["steps"] for earlier in config["phases"][:phase])

@@ -47,7 +47,7 @@ from twinflow.train.checkpoint import (
     save_training_checkpoint,
 )
 from twinflow.train.backbone import build_backbone
-from twinflow.train.config import ConfigError, check_world_size, phase_at, phase_objective, phase_start, total_steps
+from twinflow.train.config import ConfigError, check_world_size, peak_learning_rate, phase_at, phase_objective, phase_start, total_steps
 from twinflow.train.data import TrainingData, load_training_data
 from twinflow.train.distributed import (
     DistributedContext,
@@ -252,7 +252,7 @@ def _optimizer_step(run: TrainingRun, step: int, last_checkpoint: Path | None) -
     training = config["training"]
     phase = phase_at(config, step)
     objective = run.objectives[phase]
-    peak = float(config["phases"][phase].get("learning_rate", training["learning_rate"]))
+    peak = peak_learning_rate(config, phase)  # what a divergence message tells the user to lower
     learning_rate = learning_rate_at(config, step)
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate
@@ -401,14 +401,13 @@ def learning_rate_at(config: dict, step: int) -> float:
     linear warm-up. Why decay: a short run's last weights still carry the noise of a large step,
     and sampled images show it (issue 18 measured it on the MNIST demo).
     """
-    training = config["training"]
     phase = phase_at(config, step)
     settings = config["phases"][phase]
-    peak = float(settings.get("learning_rate", training["learning_rate"]))
+    peak = peak_learning_rate(config, phase)
     final = float(settings.get("final_learning_rate", peak))
     progress = (step - phase_start(config, phase)) / max(settings["steps"] - 1, 1)
     learning_rate = final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
-    warmup_steps = training["warmup_steps"]
+    warmup_steps = config["training"]["warmup_steps"]
     if warmup_steps and step < warmup_steps:
         learning_rate *= (step + 1) / warmup_steps
     return learning_rate
