@@ -9,7 +9,10 @@ each knob, each against the plain step measured in the same run (interleaved rou
 * ``channels_last`` memory format for the U-Net's convolutions;
 * bf16 autocast (this CPU has AVX512-BF16; the loop's ``precision: bf16``);
 * one intra-op thread instead of the default;
-* AdamW ``foreach=False`` (the per-tensor loop) against the default.
+* AdamW ``foreach=False`` (the per-tensor loop) against the default;
+* ``torch.compile`` of the network (inductor, C++ on the CPU). Its compile time is reported
+  apart: the extra seconds of its warm-up steps over the plain warm-up, which a demo run would
+  have to win back.
 
 ``python benchmarks/demo_step_profile.py [--steps 8] [--out benchmarks/results]`` prints a table
 and writes ``demo_step_profile.json`` / ``.md``.
@@ -53,7 +56,7 @@ class TimedNetwork(torch.nn.Module):
         return output
 
 
-def build(config: dict, channels_last: bool, foreach: bool | None):
+def build(config: dict, channels_last: bool, foreach: bool | None, compiled: bool = False):
     images, labels = load_dataset(DataConfig(**config["data"]))[torch.arange(config["training"]["batch_size"])]
     name, arguments = model_arguments(config)
     model = build_model(name, **arguments)
@@ -61,24 +64,33 @@ def build(config: dict, channels_last: bool, foreach: bool | None):
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, foreach=foreach)
+    if compiled:  # the slices give calls of several batch sizes: compile for dynamic shapes at once
+        model = torch.compile(model, dynamic=True)
     return model, images, labels, optimizer
 
 
-def step_seconds(config, preset: str, *, channels_last=False, bf16=False, threads=None, foreach=None, steps=8, parts=False):
-    """Mean seconds per optimizer step (after 2 warm-up steps), and its parts when ``parts``."""
+WARM_UP = 3  # steps before the clock starts (a compiled network compiles in these)
+
+
+def step_seconds(config, preset: str, *, channels_last=False, bf16=False, threads=None, foreach=None, compiled=False,
+                 steps=8, parts=False):
+    """Mean seconds per optimizer step (after the warm-up steps), and its parts when ``parts``;
+    with ``compiled`` also the warm-up's seconds."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        model, images, labels, optimizer = build(config, channels_last, foreach)
+        model, images, labels, optimizer = build(config, channels_last, foreach, compiled)
         timed = TimedNetwork(model)
         teacher = EMATeacher(timed, decay=0.99)
         objective = TwinFlowObjective(objective_config(preset))
         generator = torch.Generator().manual_seed(0)
         null = torch.full_like(labels, 10)
         totals = {"backward": 0.0, "optimizer": 0.0, "step": 0.0}
-        for index in range(steps + 2):
-            if index == 2:
+        warm_up_start = time.perf_counter()
+        for index in range(steps + WARM_UP):
+            if index == WARM_UP:
+                warm_up = time.perf_counter() - warm_up_start
                 for network in (timed, teacher.network):  # the EMA teacher is a timed copy too
                     network.seconds = dict.fromkeys(network.seconds, 0.0)
                 totals = dict.fromkeys(totals, 0.0)
@@ -99,7 +111,9 @@ def step_seconds(config, preset: str, *, channels_last=False, bf16=False, thread
         calls = {key: timed.seconds[key] + (teacher.network.seconds[key] if teacher.network is not timed else 0.0) for key in timed.seconds}
         mean = {key: value / steps for key, value in {**calls, **totals}.items()}
         mean["objective's own work"] = mean["step"] - sum(mean[key] for key in ("forward with gradient", "forward without gradient", "backward", "optimizer"))
-        return mean if parts else mean["step"]
+        if parts:
+            return mean
+        return (mean["step"], warm_up) if compiled else mean["step"]
     finally:
         torch.set_num_threads(previous)
 
@@ -109,6 +123,7 @@ KNOBS = {
     "bf16 autocast": {"bf16": True},
     "1 thread": {"threads": 1},
     "AdamW foreach=False": {"foreach": False},
+    "torch.compile": {"compiled": True},
 }
 
 
@@ -121,12 +136,16 @@ def main() -> None:
     report = {"machine": machine_description(), "threads": torch.get_num_threads(), "parts": {}, "knobs": {}}
     for preset in ("flow_matching", "twinflow"):
         report["parts"][preset] = step_seconds(config, preset, steps=options.steps, parts=True)
-        baseline = []
         for knob, settings in KNOBS.items():  # each knob beside a fresh plain measurement
             plain = step_seconds(config, preset, steps=options.steps)
             changed = step_seconds(config, preset, steps=options.steps, **settings)
-            baseline.append(plain)
-            report["knobs"].setdefault(preset, {})[knob] = {"plain": plain, "with": changed, "ratio": changed / plain}
+            numbers = {"plain": plain}
+            if settings.get("compiled"):
+                changed, warm_up = changed
+                plain_warm_up = WARM_UP * plain
+                numbers["compile_seconds"] = warm_up - plain_warm_up
+            numbers.update({"with": changed, "ratio": changed / plain})
+            report["knobs"].setdefault(preset, {})[knob] = numbers
     lines = [f"Machine: {report['machine']}", "", "| phase | part | s / step | share |", "|---|---|---:|---:|"]
     for preset, parts in report["parts"].items():
         for part, seconds in parts.items():
@@ -137,6 +156,12 @@ def main() -> None:
     for preset, knobs in report["knobs"].items():
         for knob, numbers in knobs.items():
             lines.append(f"| {preset} | {knob} | {numbers['plain']:.3f} | {numbers['with']:.3f} | {numbers['ratio']:.2f} |")
+    compiled = {preset: knobs["torch.compile"] for preset, knobs in report["knobs"].items()}
+    lines.append("")
+    for preset, numbers in compiled.items():
+        saved = numbers["plain"] - numbers["with"]
+        payback = f"pays back after {numbers['compile_seconds'] / saved:.0f} steps" if saved > 0 else "never pays back"
+        lines.append(f"- torch.compile, {preset}: {numbers['compile_seconds']:.0f} s of compilation; {payback}.")
     text = "\n".join(lines)
     print(text)
     if options.out:

@@ -262,6 +262,7 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
     # rules between keys
     ("training.gradient_checkpointing=true", "training.gradient_checkpointing"),
     ("training.lora={rank: 4}", "training.lora"),
+    ("training.unconditional_label=shuffled", "training.unconditional_label"),
 ])
 def test_every_rule_names_the_dotted_key(override, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -323,3 +324,9 @@ def test_every_default_key_has_a_rule():
                 yield f"{prefix}{key}"
 
     assert set(RULES) == set(leaves(DEFAULTS)) - {"model.name", "phases"}  # those two: _validate_model, phase_objective
+
+
+def test_other_class_unconditional_labels_need_class_labels():
+    with pytest.raises(ConfigError, match=r"training\.unconditional_label=other_class needs class labels"):
+        load_config(TINY, ["data.source=latent_cache", "data.root=cache", "data.limit=null", "training.unconditional_label=other_class"])
+    assert load_config(TINY, ["training.unconditional_label=other_class"])["training"]["unconditional_label"] == "other_class"

@@ -154,3 +154,41 @@ def test_training_curves_picture_is_written(uninterrupted):
     assert picture.is_file()
     with Image.open(picture) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_other_class_labels_are_uniform_over_the_other_classes():
+    from twinflow.train.data import other_class_labels
+
+    labels = torch.arange(10).repeat(9000)
+    other = other_class_labels(labels, 10, torch.Generator().manual_seed(0))
+    assert not (other == labels).any() and other.min() >= 0 and other.max() <= 9
+    # closed form: each of the 9 other classes with probability 1/9 (binomial sd about 0.001 here)
+    counts = torch.zeros(10, 10)
+    counts.index_put_((labels, other), torch.ones(len(labels)), accumulate=True)
+    shares = counts / counts.sum(dim=1, keepdim=True)
+    off_diagonal = shares[~torch.eye(10, dtype=torch.bool)]
+    assert (off_diagonal - 1 / 9).abs().max() < 0.012
+    again = other_class_labels(labels, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(other, again)  # drawn from the run's generator only: resumable
+
+
+@pytest.mark.parametrize("choice", ["null_class", "other_class"])
+def test_the_loop_gives_the_guidance_target_its_unconditional_labels(config, tmp_path, monkeypatch, choice):
+    seen = []
+    original = TwinFlowObjective.__call__
+
+    def recording(self, model, data, cond=None, null_cond=None, **kwargs):
+        seen.append((cond.clone(), null_cond.clone()))
+        return original(self, model, data, cond, null_cond, **kwargs)
+
+    monkeypatch.setattr(TwinFlowObjective, "__call__", recording)
+    changed = load_config(TINY, OVERRIDES + [f"training.unconditional_label={choice}", "training.checkpoint_every=0"])
+    train(changed, tmp_path)
+    assert len(seen) == 6
+    for labels, unconditional in seen:
+        if choice == "null_class":
+            assert (unconditional == 10).all()
+        else:
+            assert (unconditional != labels).all() and unconditional.max() < 10
+    if choice == "other_class":  # a fresh draw every step
+        assert not torch.equal(seen[0][1], seen[1][1])

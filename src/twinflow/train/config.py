@@ -62,6 +62,10 @@ DEFAULTS: dict[str, Any] = {
         "warmup_steps": 0,  # linear learning-rate warm-up
         "grad_clip": 1.0,  # max gradient norm; 0 disables clipping
         "ema_decay": 0.99,  # teacher EMA; 0 = the model itself
+        # The guidance target's unconditional input with class labels (spec 2.2): "null_class", the null
+        # class (which no loss trains), or "other_class", a random other class per sample, as the
+        # reference's MNIST tutorial contrasts each label with a shuffled one (issue 18).
+        "unconditional_label": "null_class",
         "init_from": None,  # a checkpoint whose model weights start this run
         "gradient_checkpointing": False,  # diffusers transformers: recompute activations in backward
         # LoRA through PEFT (diffusers transformers): null, or {rank, alpha, target_modules,
@@ -88,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 STRATEGIES = ("none", "ddp", "fsdp")
+UNCONDITIONAL_LABELS = ("null_class", "other_class")  # training.unconditional_label
 LATENT_CACHE = "latent_cache"  # data.source of a latent cache (twinflow.train.data)
 
 _FREE_KEYS = {"model", "objective"}  # validated against the model / objective dataclasses
@@ -114,6 +119,7 @@ RULES: dict[str, Rule] = {
     "training.warmup_steps": integer(minimum=0),
     "training.grad_clip": number(minimum=0),
     "training.ema_decay": number(minimum=0, maximum=1, open_maximum=True),
+    "training.unconditional_label": choice(*UNCONDITIONAL_LABELS),
     "training.init_from": optional(string()),
     "training.gradient_checkpointing": boolean(),
     "training.lora": lora(),
@@ -232,6 +238,11 @@ def _validate_cross_keys(config: dict) -> None:
     """Rules between keys, each key already valid on its own."""
     _validate_data(config["data"])
     model, training = config["model"], config["training"]
+    if training["unconditional_label"] != "null_class" and config["data"]["source"] == LATENT_CACHE:
+        raise ConfigError(
+            f"training.unconditional_label={training['unconditional_label']} needs class labels; a latent cache's "
+            "unconditional input is its cached null prompt (use null_class)"
+        )
     for key in ("lora", "gradient_checkpointing"):
         if training[key] and model["name"] != "diffusers":
             raise ConfigError(f"training.{key} needs a diffusers transformer (model.name: diffusers), got model.name {model['name']!r}")

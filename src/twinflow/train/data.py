@@ -76,6 +76,17 @@ class LabelledImages:
         return {"class_names": self.class_names, "image_shape": list(self.image_shape)}
 
 
+def other_class_labels(labels: Tensor, num_classes: int, generator: torch.Generator) -> Tensor:
+    """For each label a uniformly random *other* class (``training.unconditional_label:
+    other_class``): the guidance target ``v + w (F(c) - F(c'))`` then contrasts each class with a
+    trained one, where the null class's embedding gets no gradient from any loss. The reference's
+    MNIST tutorial uses the batch's labels shuffled (the same class with probability about
+    1 / num_classes, and the label itself in a batch of one); this draws per sample, whatever the
+    per-process batch."""
+    offsets = torch.randint(1, num_classes, labels.shape, generator=generator, device=generator.device)
+    return (labels + offsets.to(labels.device)) % num_classes
+
+
 class CachedLatentData:
     """A latent cache (:class:`~twinflow.data.CachedLatents`) of one or more latent shapes.
 

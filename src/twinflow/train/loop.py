@@ -48,7 +48,7 @@ from twinflow.train.checkpoint import (
 )
 from twinflow.train.backbone import build_backbone
 from twinflow.train.config import ConfigError, check_world_size, peak_learning_rate, phase_at, phase_objective, phase_start, total_steps
-from twinflow.train.data import TrainingData, load_training_data
+from twinflow.train.data import TrainingData, load_training_data, other_class_labels
 from twinflow.train.distributed import (
     DistributedContext,
     clip_gradients,
@@ -265,6 +265,8 @@ def _optimizer_step(run: TrainingRun, step: int, last_checkpoint: Path | None) -
     terms: dict[str, float] = {}
     for micro in range(accumulation):
         images, condition, null_condition = run.data.batch(context.local_slice(run.batches.next_indices()), context.device)
+        if training["unconditional_label"] == "other_class":  # class labels (the config checks)
+            null_condition = other_class_labels(condition, run.data.num_classes, run.generator)
         position = stream_position(step, micro, accumulation, context.rank, context.world_size, images.shape[0])
         with gradient_sync(model, micro == accumulation - 1), _unused_parameters_named(context.strategy):
             result = objective_loss(
