@@ -118,7 +118,9 @@ def expected_gradient(probe, result, data, labels, config):
         noise = (x_t - (1 - t) * data[i]) / t
         v = noise - data[i]
         low, high = config.guidance_time_range
-        if config.guidance_ratio and low < t < high:
+        sample_slice = next(name for name in config.guidance_slices + ("multi_step", "one_step", "any_step")
+                            if plan.slice(name).start <= i < plan.slice(name).stop)
+        if config.guidance_ratio and low < t < high and sample_slice in config.guidance_slices:
             tt = torch.tensor([t])
             conditional = analytic(x_t[None], tt, tt, labels[i : i + 1])[0]
             unconditional = analytic(x_t[None], tt, tt, torch.tensor([NULL]))[0]
@@ -179,6 +181,19 @@ def test_gradient_matches_reference_for_small_rotated_batches(batch, position):
     assert result.plan.sizes == {name: held.count(name) for name in pattern}
     expected = expected_gradient(probe, result, data, labels, objective_config("twinflow"))
     torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("slices", [("any_step",), ("multi_step",), ("one_step", "any_step")])
+def test_guidance_target_only_on_the_chosen_slices(slices):
+    """objective.guidance_slices: the other real slices keep the plain velocity v as the
+    target's true step (and the whole batch still matches the slow reference)."""
+    probe, result, data, labels = run("twinflow", seed=6, guidance_slices=list(slices))
+    expected = expected_gradient(probe, result, data, labels, objective_config("twinflow", guidance_slices=list(slices)))
+    torch.testing.assert_close(probe.output.grad, expected, rtol=1e-4, atol=1e-7)
+    spec = run("twinflow", seed=6)[0].output.grad
+    for name in ("multi_step", "any_step"):
+        rows = result.plan.slice(name)
+        assert torch.equal(spec[rows], probe.output.grad[rows]) == (name in slices), name
 
 
 @pytest.mark.parametrize("order", [0, 1, 3])
@@ -396,6 +411,9 @@ def test_unknown_preset_and_field_are_named():
     ({"time_distribution": "abc"}, "time_distribution"),
     ({"guidance_time_range": (0.8, 0.2)}, "guidance_time_range"),
     ({"guidance_time_range": [0.5]}, "guidance_time_range"),
+    ({"guidance_slices": ["fake"]}, "guidance_slices"),
+    ({"guidance_slices": []}, "guidance_slices"),
+    ({"guidance_slices": ["any_step", "any_step"]}, "guidance_slices"),
     ({"proportions": {"fake": -1.0}}, "proportions.fake"),
     ({"proportions": {"fake": "half"}}, "proportions.fake"),
     ({"proportions": 3}, "proportions"),

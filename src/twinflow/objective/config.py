@@ -8,6 +8,7 @@ from twinflow.checks import is_finite_number, is_integer
 
 
 TARGET_PRECISIONS = ("auto", "float32", "compute")
+GUIDED_SLICES = ("one_step", "multi_step", "any_step")  # the real slices (spec 2.1), in batch order
 
 
 # The checks of ObjectiveConfig.__post_init__ (the presets below are built at import).
@@ -68,6 +69,10 @@ class ObjectiveConfig:
     residual_clamp: float = 1.0  # clamp of the RCGM residual and of Delta_v
     guidance_ratio: float = 0.5  # w, the enhanced (training-time CFG) ratio; 0 = off
     guidance_time_range: tuple[float, float] = (0.0, 1.0)  # strict: low < t < high
+    # The real slices whose targets are guidance-enhanced: all three is the spec (2.2). Leaving
+    # out multi_step keeps F(x, t, t), the velocity the guidance term reads, the plain
+    # conditional one, so the guidance cannot compound through the teacher (README, departures).
+    guidance_slices: tuple[str, ...] = GUIDED_SLICES
     rectify_coefficient: float = 0.5  # k, weight of L_rectify; 0 = off
     time_weighting: bool = True  # tan((1 - (|t| - |r|)) * pi / 2.5) + 1 on non-fake samples
     loss: str = "l2"  # "l2" or "barron"
@@ -116,6 +121,10 @@ class ObjectiveConfig:
         distribution = self.time_distribution
         if not _numbers(distribution, 3) or min(distribution) <= 0:
             raise ValueError(f"objective.time_distribution must be three positive numbers (a, b, c), got {distribution!r}")
+        if (not isinstance(self.guidance_slices, tuple) or not self.guidance_slices
+                or not set(self.guidance_slices) <= set(GUIDED_SLICES)
+                or len(set(self.guidance_slices)) != len(self.guidance_slices)):
+            raise ValueError(f"objective.guidance_slices must be a non-empty list of distinct names from {list(GUIDED_SLICES)}, got {self.guidance_slices!r}")
         if not _numbers(self.guidance_time_range, 2) or not 0 <= self.guidance_time_range[0] <= self.guidance_time_range[1] <= 1:
             raise ValueError(f"objective.guidance_time_range must be two numbers with 0 <= low <= high <= 1, got {self.guidance_time_range!r}")
         from twinflow.objective.partition import integer_weights  # partition imports this module
@@ -133,6 +142,7 @@ class ObjectiveConfig:
         config = asdict(self)
         config["time_distribution"] = list(self.time_distribution)
         config["guidance_time_range"] = list(self.guidance_time_range)
+        config["guidance_slices"] = list(self.guidance_slices)
         return config
 
     @classmethod
@@ -151,6 +161,8 @@ class ObjectiveConfig:
         for key in ("time_distribution", "guidance_time_range"):
             if key in values:
                 values[key] = _float_tuple(values[key])
+        if isinstance(values.get("guidance_slices"), (list, tuple)):
+            values["guidance_slices"] = tuple(values["guidance_slices"])
         for key in _FLOAT_FIELDS & set(values):  # YAML reads 1e-3 (no dot) as a string
             values[key] = _float_text(values[key])
         return cls(**values)

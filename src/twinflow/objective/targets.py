@@ -27,16 +27,21 @@ def guidance_enhanced_velocity(
     null_cond: Condition,
     ratio: float,
     time_range: tuple[float, float],
+    eligible: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Training-time CFG (spec 2.2): ``v + w * (F_teacher(x_t, t, t, c) - F_teacher(x_t, t, t, e))``.
 
     Only samples with ``low < t < high`` (strict, as in the reference) are enhanced, so the
     one-step slice at ``t = 1`` keeps the plain target under the default range [0, 1].
+    ``eligible`` (a boolean mask over the batch, or None for all) narrows that further.
     The conditional and unconditional calls share one batched call, hence one dropout / noise
     state. Returns the target and the number of network calls made (0 or 1).
     """
     low, high = time_range
-    chosen = ((time > low) & (time < high)).nonzero().squeeze(1)
+    inside = (time > low) & (time < high)
+    if eligible is not None:
+        inside = inside & eligible
+    chosen = inside.nonzero().squeeze(1)
     if ratio == 0 or chosen.numel() == 0:
         return velocity, 0
     count = chosen.numel()

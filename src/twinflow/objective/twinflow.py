@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from twinflow.conditions import Condition, check_batch, select
-from twinflow.objective.config import ObjectiveConfig
+from twinflow.objective.config import GUIDED_SLICES, ObjectiveConfig
 from twinflow.objective.losses import per_sample_loss, time_weight
 from twinflow.objective.partition import BatchPlan, plan_batch
 from twinflow.objective.targets import (
@@ -117,7 +117,7 @@ class TwinFlowObjective:
         # Guidance-enhanced target (spec 2.2) on the real slices only.
         real_velocity, guidance_calls = guidance_enhanced_velocity(
             teacher, x_t[real], time[real], velocity[real], select(cond, real), select(null_cond, real),
-            config.guidance_ratio, config.guidance_time_range,
+            config.guidance_ratio, config.guidance_time_range, self._guided(plan, data.device),
         )
         calls += guidance_calls
 
@@ -159,6 +159,17 @@ class TwinFlowObjective:
             plan=plan,
         )
 
+
+    def _guided(self, plan, device: torch.device) -> Tensor | None:
+        """Which real samples ``objective.guidance_slices`` admits to the guidance target, as a
+        mask over the real slices; None when it admits all of them (the spec)."""
+        chosen = self.config.guidance_slices
+        if set(chosen) == set(GUIDED_SLICES):
+            return None
+        mask = torch.zeros(plan.real.stop, dtype=torch.bool)
+        for name in chosen:
+            mask[plan.slice(name)] = True
+        return mask.to(device)
 
     def _base_term(
         self, model: Network, teacher: Network, x_t: Tensor, time: Tensor, target_time: Tensor,
