@@ -20,6 +20,7 @@ from twinflow.objective.partition import SliceSchedule, stream_position
 from twinflow.objective.losses import per_sample_loss, time_weight
 from twinflow.objective.targets import rcgm_target
 from twinflow.path import LinearPath
+from twinflow.regimes import SLICE_NAMES
 
 NULL = 10
 SHAPE = (12, 1, 4, 4)
@@ -118,8 +119,7 @@ def expected_gradient(probe, result, data, labels, config):
         noise = (x_t - (1 - t) * data[i]) / t
         v = noise - data[i]
         low, high = config.guidance_time_range
-        sample_slice = next(name for name in config.guidance_slices + ("multi_step", "one_step", "any_step")
-                            if plan.slice(name).start <= i < plan.slice(name).stop)
+        sample_slice = next(name for name in SLICE_NAMES if plan.slice(name).start <= i < plan.slice(name).stop)
         if config.guidance_ratio and low < t < high and sample_slice in config.guidance_slices:
             tt = torch.tensor([t])
             conditional = analytic(x_t[None], tt, tt, labels[i : i + 1])[0]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from twinflow.checks import is_finite_number, is_integer
+from twinflow.regimes import SLICE_NAMES
 
 
 TARGET_PRECISIONS = ("auto", "float32", "compute")
-GUIDED_SLICES = ("one_step", "multi_step", "any_step")  # the real slices (spec 2.1), in batch order
+GUIDED_SLICES = tuple(name for name in SLICE_NAMES if name != "fake")  # the real slices (spec 2.1)
 
 
 # The checks of ObjectiveConfig.__post_init__ (the presets below are built at import).

@@ -159,8 +159,7 @@ class TwinFlowObjective:
             plan=plan,
         )
 
-
-    def _guided(self, plan, device: torch.device) -> Tensor | None:
+    def _guided(self, plan: BatchPlan, device: torch.device) -> Tensor | None:
         """Which real samples ``objective.guidance_slices`` admits to the guidance target, as a
         mask over the real slices; None when it admits all of them (the spec)."""
         chosen = self.config.guidance_slices
