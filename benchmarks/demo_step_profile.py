@@ -1,6 +1,6 @@
 """Where a step of the MNIST demo spends its time, and what the CPU knobs give (issue 18).
 
-The demo (``configs/mnist_twinflow.yaml``) has about 9 minutes on 2 cores for 1300 optimizer steps.
+The demo (``configs/mnist_twinflow.yaml``) has under 10 minutes on 2 cores for 2000 optimizer steps.
 This measures, on the demo's model and batch, one optimizer step of each of its two phases
 (flow matching, then TwinFlow) split into network calls with and without gradient, the backward
 pass, the optimizer and the rest (the objective's own tensor work), then the whole step under
