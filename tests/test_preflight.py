@@ -255,3 +255,19 @@ def test_a_u_net_config_and_an_fsdp_model_without_blocks(tmp_path, monkeypatch):
     code, stdout, stderr, plan = dry_run(tiny, tmp_path / "run", "--world-size=2", "--set=distributed.strategy=fsdp")
     assert code == 0 and plan.fsdp_units == {} and "warning: FSDP: the model has no repeated blocks" in stdout
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("device", "native", "planned"), [("cuda", False, "bf16"), ("cpu", True, "bf16"), ("cpu", False, "fp32")])
+def test_precision_auto_is_planned_as_the_launch_would_resolve_it(tmp_path, monkeypatch, device, native, planned):
+    """A dry run plans GPUs it usually does not have: ``auto`` is bf16 there; on the CPU it is
+    bf16 only where the CPU computes it natively. The gathered FSDP weights follow (2 or 4 bytes)."""
+    import twinflow.train.preflight as preflight_module
+
+    monkeypatch.setattr(preflight_module, "native_bf16", lambda cpu: native)
+    code, stdout, stderr, plan = dry_run(
+        CONFIGS / "tiny.yaml", tmp_path / "run", "--world-size=2", "--set=distributed.strategy=fsdp",
+        "--set=precision=auto", f"--set=device={device}",
+    )
+    assert code == 0, stderr
+    assert plan.precision == planned and f"precision {planned}" in stdout
+    assert plan.memory["fsdp"].gathered == 2 * (2 if planned == "bf16" else 4) * plan.base_parameters

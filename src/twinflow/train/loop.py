@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from twinflow.conditions import Condition
 from twinflow.data import BucketBatches, ShuffledBatches
+from twinflow.devices import resolve_precision
 from twinflow.eval.grid import save_grid
 from twinflow.eval.plots import plot_training_curves
 from twinflow.models import count_parameters
@@ -107,6 +108,7 @@ class TrainingRun:
     config: dict
     run_directory: Path
     context: DistributedContext
+    precision: str  # fp32 | bf16: the config's precision, ``auto`` resolved for this device
     data: TrainingData
     architecture: dict  # stored in every checkpoint: how to rebuild the network
     parameters: int
@@ -190,9 +192,12 @@ def _setup(config: dict, run_directory: Path, resume: bool, context: Distributed
     """Data, model, teacher, optimizer, objectives and random sources, then the start: a resumed
     checkpoint's state, or a fresh run directory. Rank 0 writes config.yaml (and the changes)."""
     training = config["training"]
-    device, strategy, precision = context.device, context.strategy, config["precision"]
+    device, strategy = context.device, context.strategy
     check_world_size(config, context.world_size)
     say = print if context.is_main else _silent
+    precision = resolve_precision(config["precision"], device)
+    if config["precision"] == "auto":
+        say(f"precision auto: {'bf16 autocast (this device computes bfloat16 natively)' if precision == 'bf16' else 'fp32'}")
     torch.manual_seed(config["seed"])  # weight initialisation only (the same on every process)
 
     # ---- data, model, optimizer, teacher -------------------------------------------------
@@ -239,7 +244,7 @@ def _setup(config: dict, run_directory: Path, resume: bool, context: Distributed
         share = training["batch_size"] // context.world_size
         say(f"{strategy}: {context.world_size} processes, {share} sample{'s' if share != 1 else ''} each per micro-step")
     return TrainingRun(
-        config, run_directory, context, data, architecture, parameters, model, teacher, optimizer, path, objectives,
+        config, run_directory, context, precision, data, architecture, parameters, model, teacher, optimizer, path, objectives,
         batches, generator, logger, total_steps(config), start_step, elapsed_before, resumed_from,
     )
 
@@ -271,7 +276,7 @@ def _optimizer_step(run: TrainingRun, step: int, last_checkpoint: Path | None) -
         with gradient_sync(model, micro == accumulation - 1), _unused_parameters_named(context.strategy):
             result = objective_loss(
                 objective, model, run.teacher.network, images, condition, null_condition, run.generator,
-                config["precision"], position,
+                run.precision, position,
             )
             if not context.all_true(torch.isfinite(result.loss)):
                 loss = context.mean({"loss": float(result.loss.detach())})["loss"]
@@ -334,7 +339,7 @@ def _save_grids(run: TrainingRun, step: int, final: bool = False) -> dict[str, P
     network = run.teacher.network if sampling["use_ema"] else unwrap(run.model)
     was_training = network.training
     generator_model = ClassConditionalGenerator(
-        network, data.num_classes, data.image_shape, data.class_names, run.path, context.device, run.config["precision"]
+        network, data.num_classes, data.image_shape, data.class_names, run.path, context.device, run.precision
     )
     grids = {}
     with gathered_weights(network):

@@ -43,6 +43,7 @@ from torch import nn
 
 from twinflow.adapters.qwen_image import SOURCE_KEYS
 from twinflow.data.cache_format import ITEM_NULL_PREFIX
+from twinflow.devices import native_bf16
 from twinflow.objective.partition import slice_schedule, stream_position
 from twinflow.train.config import LATENT_CACHE, ConfigError, check_world_size, model_arguments, phase_objective
 
@@ -175,12 +176,13 @@ def preflight(config: dict, world_size: int, latent_size: tuple[int, int] | None
     ema_adapter = _bytes(model, lambda name: "lora_" in name and ".ema." in name)
     # FSDP gathers the model and an EMA copy in full for the whole objective (gathered_weights):
     # in bf16 under precision bf16 (mixed_precision_policy's param_dtype), else as stored.
-    bf16 = config["precision"] == "bf16"
+    precision = _planned_precision(config)
+    bf16 = precision == "bf16"
     gathered = sum(p.numel() * (2 if bf16 else p.element_size()) for p in model.parameters())
     if teacher == "EMA copy":
         gathered += 2 * facts["base_parameters"] if bf16 else facts["base_bytes"]
     plan = PreflightPlan(
-        world_size=world_size, strategy=strategy, precision=config["precision"], batch_size=batch,
+        world_size=world_size, strategy=strategy, precision=precision, batch_size=batch,
         per_process_batch=per_process, grad_accumulation=accumulation, samples_per_step=batch * accumulation,
         slices=slices, model=facts["model"], family=facts["family"],
         transformer_parameters=facts["transformer_parameters"],
@@ -283,6 +285,15 @@ def _read_data(config: dict, notes: list[str]):
     # Edits: each source's latents (at the target's size) join the sequence.
     sources = sum(key in SOURCE_KEYS for key in data.cache.condition_keys)
     return data, list(data.latent_shapes), max(lengths) if lengths else None, sources
+
+
+def _planned_precision(config: dict) -> str:
+    """The precision a launch would compute in: ``auto`` plans bf16 unless the run is on the CPU
+    of a machine without native bfloat16 (a dry run usually plans GPUs it does not have)."""
+    precision = config["precision"]
+    if precision != "auto":
+        return precision
+    return "fp32" if str(config["device"]) == "cpu" and not native_bf16(torch.device("cpu")) else "bf16"
 
 
 # ---- the model on the meta device ------------------------------------------------------------
@@ -390,7 +401,7 @@ def _activations(model, facts, config, shapes, text, latent_size, notes) -> Acti
     """The activation estimate at the data's largest latents, ``--latent-size`` or the family
     default; ``text``: the cache's text tokens (or None) and its edit source images."""
     text_tokens, sources = text
-    element = 2 if config["precision"] == "bf16" else 4
+    element = 2 if _planned_precision(config) == "bf16" else 4
     if facts["family"] is None:
         notes.append(f"activations: not estimated for {facts['model']} (the estimate is a transformer's; a short run measures it)")
         return None
