@@ -1,13 +1,16 @@
 """Where a step of the MNIST demo spends its time, and what the CPU knobs give (issue 18).
 
-The demo (``configs/mnist_twinflow.yaml``) has under 10 minutes on 2 cores for 2000 optimizer steps.
+The demo (``configs/mnist_twinflow.yaml``) has under 10 minutes on 2 cores for 2800 optimizer steps.
 This measures, on the demo's model and batch, one optimizer step of each of its two phases
 (flow matching, then TwinFlow) split into network calls with and without gradient, the backward
 pass, the optimizer and the rest (the objective's own tensor work), then the whole step under
 each knob, each against the plain step measured in the same run (interleaved rounds):
 
 * ``channels_last`` memory format for the U-Net's convolutions;
-* bf16 autocast (this CPU has AVX512-BF16; the loop's ``precision: bf16``);
+* bf16 autocast (this CPU has AVX512-BF16 and AMX; the loop's ``precision: bf16``, which the
+  demo's ``precision: auto`` picks on such a CPU), with the RCGM targets in bf16 as the demo
+  computes them (``objective.target_precision: compute``) and in float32 (``auto``, one more
+  forward pass);
 * one intra-op thread instead of the default;
 * AdamW ``foreach=False`` (the per-tensor loop) against the default;
 * ``torch.compile`` of the network (inductor, C++ on the CPU). Its compile time is reported
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,9 +35,9 @@ from machine import machine_description
 
 from twinflow.data import DataConfig, load_dataset
 from twinflow.models import build_model
-from twinflow.objective import TwinFlowObjective, objective_config
+from twinflow.objective import TwinFlowObjective
 from twinflow.teacher import EMATeacher
-from twinflow.train.config import load_config, model_arguments
+from twinflow.train.config import load_config, model_arguments, phase_objective
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mnist_twinflow.yaml"
 
@@ -77,10 +81,14 @@ def build(config: dict, channels_last: bool, foreach: bool | None, compiled: boo
 WARM_UP = 3  # steps before the clock starts (a compiled network compiles in these)
 
 
-def step_seconds(config, preset: str, *, channels_last=False, bf16=False, threads=None, foreach=None, compiled=False,
-                 steps=8, parts=False):
+PHASES = {"flow_matching": 0, "twinflow": 1}  # the demo's phase of each objective
+
+
+def step_seconds(config, preset: str, *, channels_last=False, bf16=False, targets="compute", threads=None, foreach=None,
+                 compiled=False, steps=8, parts=False):
     """Mean seconds per optimizer step (after the warm-up steps) and the warm-up's seconds, with
-    the step's parts when ``parts``."""
+    the step's parts when ``parts``. ``preset`` names the demo phase whose objective (slices,
+    guidance) is timed; ``targets`` is its ``target_precision`` under bf16 autocast."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -88,7 +96,9 @@ def step_seconds(config, preset: str, *, channels_last=False, bf16=False, thread
         model, images, labels, optimizer = build(config, channels_last, foreach, compiled)
         timed = TimedNetwork(model)
         teacher = EMATeacher(timed, decay=0.99)
-        objective = TwinFlowObjective(objective_config(preset))
+        phase = PHASES[preset]
+        objective_settings = phase_objective(config["phases"][phase], f"phases.{phase}")
+        objective = TwinFlowObjective(dataclasses.replace(objective_settings, target_precision=targets))
         generator = torch.Generator().manual_seed(0)
         null = torch.full_like(labels, 10)
         totals = {"backward": 0.0, "optimizer": 0.0, "step": 0.0}
@@ -123,7 +133,8 @@ def step_seconds(config, preset: str, *, channels_last=False, bf16=False, thread
 
 KNOBS = {
     "channels_last": {"channels_last": True},
-    "bf16 autocast": {"bf16": True},
+    "bf16 autocast, bf16 targets (the demo's)": {"bf16": True, "targets": "compute"},
+    "bf16 autocast, float32 targets": {"bf16": True, "targets": "auto"},
     "1 thread": {"threads": 1},
     "AdamW foreach=False": {"foreach": False},
     "torch.compile": {"compiled": True},
