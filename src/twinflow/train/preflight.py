@@ -171,12 +171,12 @@ def preflight(config: dict, world_size: int, latent_size: tuple[int, int] | None
     if facts["weight_files"] is False:
         cautions.append(f"{facts['folder']} holds no weight files: a dry run reads none, the run would fail to load")
 
-    activations = _activations(model, facts, config, shapes, (text_tokens, sources), latent_size, notes)
+    precision = _planned_precision(config)
+    activations = _activations(model, facts, config, precision, shapes, (text_tokens, sources), latent_size, notes)
     teacher = "the model itself" if decay == 0 else ("ema adapter" if lora else "EMA copy")
     ema_adapter = _bytes(model, lambda name: "lora_" in name and ".ema." in name)
     # FSDP gathers the model and an EMA copy in full for the whole objective (gathered_weights):
     # in bf16 under precision bf16 (mixed_precision_policy's param_dtype), else as stored.
-    precision = _planned_precision(config)
     bf16 = precision == "bf16"
     gathered = sum(p.numel() * (2 if bf16 else p.element_size()) for p in model.parameters())
     if teacher == "EMA copy":
@@ -397,11 +397,12 @@ def _bytes(model: nn.Module, select=None, trained: bool = False) -> int:
 # ---- activations ----------------------------------------------------------------------------
 
 
-def _activations(model, facts, config, shapes, text, latent_size, notes) -> ActivationEstimate | None:
+def _activations(model, facts, config, precision, shapes, text, latent_size, notes) -> ActivationEstimate | None:
     """The activation estimate at the data's largest latents, ``--latent-size`` or the family
-    default; ``text``: the cache's text tokens (or None) and its edit source images."""
+    default, in ``precision`` (the planned one); ``text``: the cache's text tokens (or None) and its
+    edit source images."""
     text_tokens, sources = text
-    element = 2 if _planned_precision(config) == "bf16" else 4
+    element = 2 if precision == "bf16" else 4
     if facts["family"] is None:
         notes.append(f"activations: not estimated for {facts['model']} (the estimate is a transformer's; a short run measures it)")
         return None
