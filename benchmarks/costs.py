@@ -93,17 +93,29 @@ class _Stepper:
         return result.network_calls
 
 
+WARM_UP_STEPS = 30
+
+
 def measure_step_costs(
-    config_path: str, batch_size: int = 64, steps: int = 5, rounds: int = 3, device: torch.device = torch.device("cpu")
+    config_path: str, batch_size: int = 64, steps: int = 5, rounds: int = 3, device: torch.device = torch.device("cpu"),
+    warm_up: int = WARM_UP_STEPS,
 ) -> dict[str, StepCost]:
-    """Seconds per optimizer step of each preset: the fastest of interleaved rounds.
+    """Seconds per optimizer step of each preset in a long run: the fastest of interleaved rounds.
 
     The minimum, not the median: other work on the machine only ever adds time, so the fastest
     round is the best estimate of the step's own cost (and the budget plan depends on it).
+    Each preset first runs ``warm_up`` untimed steps. The CPU's convolution library builds its
+    kernels once per input shape (about 15 ms per new batch size for this U-Net on an Intel
+    Xeon), and the RCGM target's teacher calls take the long jumps, a random subset of the
+    batch (33 to 45 of 64 samples, the common sizes all seen within 30 steps), so a short
+    warm-up would time kernel builds that a training run of thousands of steps pays once.
     """
     stepper = _Stepper(build_backbone(config_path, device), batch_size, device)
     objectives = {preset: TwinFlowObjective(objective_config(preset)) for preset in PRESETS}
-    calls = {preset: stepper.step(objective) for preset, objective in objectives.items()}  # warm-up
+    calls = {preset: stepper.step(objective) for preset, objective in objectives.items()}
+    for objective in objectives.values():
+        for _ in range(warm_up - 1):
+            stepper.step(objective)
     times: dict[str, list[float]] = {preset: [] for preset in PRESETS}
     for _ in range(rounds):
         for preset, objective in objectives.items():
