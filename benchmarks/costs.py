@@ -9,7 +9,8 @@
 * Sampling cost: images per second at 1 NFE and at 50 NFE, and the sampler's overhead over bare
   forward passes of the same network on the same batch (``NFE x forward``).
 
-Run through ``benchmarks/report.py``; alone: ``python benchmarks/costs.py`` prints both tables.
+Run through ``benchmarks/report.py`` (float32, as its method comparison trains); alone:
+``python benchmarks/costs.py [--precision bf16]`` prints both tables.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ def build_backbone(config_path: str, device: torch.device, seed: int = 0) -> tor
 class _Stepper:
     """One optimizer step of an objective on a fixed random batch (what a training step costs)."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, device: torch.device, ema_decay: float = 0.99):
+    def __init__(self, model: torch.nn.Module, batch_size: int, device: torch.device, ema_decay: float = 0.99,
+                 precision: str = "fp32"):
         self.model = model
+        self.precision = precision
         self.teacher = EMATeacher(model, ema_decay)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.generator = torch.Generator(device).manual_seed(0)
@@ -85,7 +88,8 @@ class _Stepper:
         self.null = torch.full_like(self.labels, NUM_CLASSES)
 
     def step(self, objective: TwinFlowObjective) -> int:
-        result = objective(self.model, self.images, self.labels, self.null, teacher=self.teacher.network, generator=self.generator)
+        with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            result = objective(self.model, self.images, self.labels, self.null, teacher=self.teacher.network, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         self.optimizer.step()
@@ -98,7 +102,7 @@ WARM_UP_STEPS = 30
 
 def measure_step_costs(
     config_path: str, batch_size: int = 64, steps: int = 5, rounds: int = 3, device: torch.device = torch.device("cpu"),
-    warm_up: int = WARM_UP_STEPS,
+    warm_up: int = WARM_UP_STEPS, precision: str = "fp32",
 ) -> dict[str, StepCost]:
     """Seconds per optimizer step of each preset in a long run: the fastest of interleaved rounds.
 
@@ -110,7 +114,7 @@ def measure_step_costs(
     batch (33 to 45 of 64 samples, the common sizes all seen within 30 steps), so a short
     warm-up would time kernel builds that a training run of thousands of steps pays once.
     """
-    stepper = _Stepper(build_backbone(config_path, device), batch_size, device)
+    stepper = _Stepper(build_backbone(config_path, device), batch_size, device, precision=precision)
     objectives = {preset: TwinFlowObjective(objective_config(preset)) for preset in PRESETS}
     calls = {preset: stepper.step(objective) for preset, objective in objectives.items()}
     for objective in objectives.values():
@@ -128,17 +132,18 @@ def measure_step_costs(
     return {preset: StepCost(preset, min(times[preset]), calls[preset]) for preset in PRESETS}
 
 
-def peak_memory_mb(config_path: str, preset: str, batch_size: int, device: str) -> tuple[float, str]:
+def peak_memory_mb(config_path: str, preset: str, batch_size: int, device: str, precision: str = "fp32") -> tuple[float, str]:
     """Peak memory of training steps of ``preset``, measured in a fresh Python process."""
     command = [sys.executable, __file__, "--memory-probe", preset, "--config", config_path,
-               "--batch-size", str(batch_size), "--device", device]
+               "--batch-size", str(batch_size), "--device", device, "--precision", precision]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     probe = json.loads(output.strip().splitlines()[-1])
     return probe["peak_mb"], probe["kind"]
 
 
-def _memory_probe(config_path: str, preset: str, batch_size: int, device: torch.device, steps: int = 3) -> dict:
-    stepper = _Stepper(build_backbone(config_path, device), batch_size, device)
+def _memory_probe(config_path: str, preset: str, batch_size: int, device: torch.device, steps: int = 3,
+                  precision: str = "fp32") -> dict:
+    stepper = _Stepper(build_backbone(config_path, device), batch_size, device, precision=precision)
     objective = TwinFlowObjective(objective_config(preset))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -162,10 +167,14 @@ def peak_resident_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def training_costs(config_path: str, batch_size: int = 64, steps: int = 4, rounds: int = 5, device: str = "cpu") -> dict[str, StepCost]:
-    costs = measure_step_costs(config_path, batch_size, steps, rounds, torch.device(device))
+def training_costs(
+    config_path: str, batch_size: int = 64, steps: int = 4, rounds: int = 5, device: str = "cpu", precision: str = "fp32",
+) -> dict[str, StepCost]:
+    """Step cost and peak memory of each preset; ``precision: bf16`` runs the objective under bf16
+    autocast as the training loop does (each preset's own ``target_precision``)."""
+    costs = measure_step_costs(config_path, batch_size, steps, rounds, torch.device(device), precision=precision)
     for preset, cost in costs.items():
-        cost.peak_memory_mb, cost.memory_kind = peak_memory_mb(config_path, preset, batch_size, device)
+        cost.peak_memory_mb, cost.memory_kind = peak_memory_mb(config_path, preset, batch_size, device, precision)
     return costs
 
 
@@ -213,13 +222,17 @@ def main() -> None:
     parser.add_argument("--config", default="configs/mnist_twinflow.yaml", help="the architecture comes from here")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="training steps in float32 (as make bench trains) or under bf16 autocast")
     parser.add_argument("--memory-probe", choices=PRESETS, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.memory_probe:
-        print(json.dumps(_memory_probe(arguments.config, arguments.memory_probe, arguments.batch_size, torch.device(arguments.device))))
+        print(json.dumps(_memory_probe(arguments.config, arguments.memory_probe, arguments.batch_size, torch.device(arguments.device),
+                                       precision=arguments.precision)))
         return
-    for cost in training_costs(arguments.config, arguments.batch_size, device=arguments.device).values():
-        print(asdict(cost))
+    costs = training_costs(arguments.config, arguments.batch_size, device=arguments.device, precision=arguments.precision)
+    for cost in costs.values():
+        print(asdict(cost), f"{cost.seconds_per_step / costs['flow_matching'].seconds_per_step:.3f}x flow matching")
     model = build_backbone(arguments.config, torch.device(arguments.device))
     for cost in sampling_costs(model, device=torch.device(arguments.device)):
         print(asdict(cost), f"{cost.images_per_second:.1f} images/s, overhead {cost.overhead:+.1%}")

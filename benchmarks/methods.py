@@ -89,9 +89,15 @@ class CheckpointScores:
         return next((row for row in self.rows if row["preset"] == spec), None)
 
 
-def recipe(config_path: str, phases: list[dict]) -> dict:
-    """The benchmark's training config: ``config_path`` with its phases replaced, quiet and cheap."""
+def recipe(config_path: str, phases: list[dict], batch_size: int) -> dict:
+    """The benchmark's training config: ``config_path`` with its phases replaced, quiet and cheap.
+
+    It trains as :mod:`costs` times a step, so that the budget plan holds: at ``batch_size`` and
+    in float32 (the demo file's ``precision: auto`` would compute in bf16 on a CPU with native
+    bf16, at other costs per step; float32 also gives the same comparison on every CPU).
+    """
     overrides = [
+        f"training.batch_size={batch_size}", "precision=fp32",
         "training.checkpoint_every=0", "training.sample_every=0", "training.keep_checkpoints=1000",
         "training.tensorboard=false", "sampling.presets=[1nfe]", "sampling.per_class=10",
     ]
@@ -110,16 +116,17 @@ def _phase(config: dict, index: int, preset: str, steps: int) -> dict:
 
 
 def train_methods(
-    plans: dict[str, MethodPlan], config_path: str, out: Path, chunks: int = 3,
+    plans: dict[str, MethodPlan], config_path: str, out: Path, batch_size: int, chunks: int = 3,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[Path]]:
-    """Train the warm start once, then each method from a copy of it; checkpoints per method."""
+    """Train the warm start once, then each method from a copy of it; checkpoints per method.
+    ``batch_size`` is the batch the step costs were measured with."""
     base = load_config(config_path)
     warm_steps = next(iter(plans.values())).warm_start_steps
     warm_phase = _phase(base, 0, "flow_matching", warm_steps)
     warm_directory = out / WARM_START
     log(f"warm start: {warm_steps} flow-matching steps")
-    train(recipe(config_path, [warm_phase]), warm_directory)
+    train(recipe(config_path, [warm_phase], batch_size), warm_directory)
     checkpoints = {}
     for method, plan in plans.items():
         directory = out / method
@@ -131,7 +138,7 @@ def train_methods(
             steps = max(1, round(plan.method_steps * chunk / chunks))
             log(f"{method}: training to {steps}/{plan.method_steps} steps of its own objective")
             # Each chunk extends the method's phase: an allowed change of the resumed config.
-            result = train(recipe(config_path, [warm_phase, _phase(base, 1, method, steps)]), directory, resume=True,
+            result = train(recipe(config_path, [warm_phase, _phase(base, 1, method, steps)], batch_size), directory, resume=True,
                            allow_changes=("phases.1",))
             folders.append(result.final_checkpoint)
         checkpoints[method] = folders

@@ -52,7 +52,7 @@ def run(arguments: argparse.Namespace) -> dict:
 
     print("2/3 method comparison")
     plans = methods.plan_methods(arguments.budget_minutes * 60, seconds_per_step, arguments.warm_start_fraction)
-    checkpoints = methods.train_methods(plans, arguments.config, out / "runs", chunks=arguments.chunks)
+    checkpoints = methods.train_methods(plans, arguments.config, out / "runs", arguments.batch_size, chunks=arguments.chunks)
     data_config = DataConfig(**load_config(arguments.config)["data"])
     classifier = load_or_train_classifier(data_config, device=device, log=print)
     scores, real = methods.evaluate_methods(checkpoints, arguments.num, classifier, arguments.device)
