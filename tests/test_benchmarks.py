@@ -16,6 +16,8 @@ from finetune_cost import Row, Setting  # noqa: E402
 from methods import METHODS, WARM_START, plan_methods  # noqa: E402
 from render import final_scores, markdown, verdicts  # noqa: E402
 
+from twinflow.train import load_config  # noqa: E402
+
 
 def test_every_method_gets_the_same_budget():
     costs = {"flow_matching": 0.37, "rcgm": 0.73, "twinflow": 0.75}
@@ -28,6 +30,20 @@ def test_every_method_gets_the_same_budget():
         assert spent == pytest.approx(540.0, abs=costs[method] / 2 + 1e-9)
     # twice the cost per step, about half the steps
     assert plans["flow_matching"].method_steps == pytest.approx(2 * plans["rcgm"].method_steps, rel=0.02)
+
+
+def test_the_comparison_trains_as_its_step_costs_are_timed():
+    """costs.py times float32 steps at the report's batch; the demo file says batch 80 and
+    precision auto (bf16 on a CPU with native bf16), which would break the budget plan."""
+    from methods import recipe
+
+    demo_path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_twinflow.yaml")
+    demo = load_config(demo_path)
+    assert demo["training"]["batch_size"] != 48 and demo["precision"] != "fp32"
+    config = recipe(demo_path, [{"steps": 5, "objective": {"preset": "rcgm"}}], 48)
+    assert config["training"]["batch_size"] == 48
+    assert config["precision"] == "fp32"
+    assert config["phases"] == [{"steps": 5, "objective": {"preset": "rcgm"}}]
 
 
 def test_plan_errors_name_the_problem():
