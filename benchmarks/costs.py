@@ -116,10 +116,10 @@ def measure_step_costs(
     """
     stepper = _Stepper(build_backbone(config_path, device), batch_size, device, precision=precision)
     objectives = {preset: TwinFlowObjective(objective_config(preset)) for preset in PRESETS}
-    calls = {preset: stepper.step(objective) for preset, objective in objectives.items()}
-    for objective in objectives.values():
-        for _ in range(warm_up - 1):
-            stepper.step(objective)
+    calls = {}
+    for preset, objective in objectives.items():
+        for _ in range(max(1, warm_up)):
+            calls[preset] = stepper.step(objective)
     times: dict[str, list[float]] = {preset: [] for preset in PRESETS}
     for _ in range(rounds):
         for preset, objective in objectives.items():

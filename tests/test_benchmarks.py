@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import finetune_cost  # noqa: E402
 from finetune_cost import Row, Setting  # noqa: E402
-from methods import METHODS, WARM_START, plan_methods  # noqa: E402
+from methods import METHODS, WARM_START, plan_methods, recipe  # noqa: E402
 from render import final_scores, markdown, verdicts  # noqa: E402
 
 from twinflow.train import load_config  # noqa: E402
@@ -35,8 +35,6 @@ def test_every_method_gets_the_same_budget():
 def test_the_comparison_trains_as_its_step_costs_are_timed():
     """costs.py times float32 steps at the report's batch; the demo file says batch 80 and
     precision auto (bf16 on a CPU with native bf16), which would break the budget plan."""
-    from methods import recipe
-
     demo_path = str(Path(__file__).resolve().parents[1] / "configs" / "mnist_twinflow.yaml")
     demo = load_config(demo_path)
     assert demo["training"]["batch_size"] != 48 and demo["precision"] != "fp32"
